@@ -1,0 +1,33 @@
+"""normstats: streaming statistics with exact merges, and BatchNorm built on them.
+
+>>> import numpy as np
+>>> import normstats as ns
+>>> stats = ns.make_stats("welford")
+>>> stats.update(np.array([[1.0, 10.0], [3.0, 30.0]]))
+>>> stats.mean.tolist()
+[2.0, 20.0]
+"""
+
+from .estimators import (
+    EMA,
+    CumulativeAverage,
+    ExactFullPass,
+    ExponentialMovingAverage,
+    RunningStats,
+    Welford,
+    make_stats,
+)
+from .moments import Moments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMA",
+    "CumulativeAverage",
+    "ExactFullPass",
+    "ExponentialMovingAverage",
+    "Moments",
+    "RunningStats",
+    "Welford",
+    "make_stats",
+]

@@ -1,0 +1,145 @@
+"""Array plumbing: namespaces, dtypes, axes and the reductions the statistics are built on.
+
+Everything here is namespace-agnostic: it works on NumPy arrays and torch tensors alike and
+keeps results in the input's namespace and on its device. torch is never imported here; a
+tensor brings its own namespace.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from ._typing import Array, Namespace
+
+
+def describe(value: object) -> str:
+    """Name what arrived, for error messages: ``"float32 array of shape (3, 4)"``."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{_dtype_name(dtype)} array of shape {tuple(shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def as_array(x: object, name: str) -> tuple[Namespace, Array]:
+    """Return ``(namespace, array)`` for an array-API array or anything NumPy can convert."""
+    try:
+        return array_api_compat.array_namespace(x), x
+    except TypeError:
+        pass
+    try:
+        converted = np.asarray(x)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{name}: expected an array (NumPy array or torch tensor), got {describe(x)}"
+        ) from error
+    if converted.dtype == object:
+        raise TypeError(f"{name}: expected an array of numbers, got {describe(x)}")
+    return array_api_compat.array_namespace(converted), converted
+
+
+def check_floating(xp: Namespace, x: Array, name: str) -> None:
+    """Raise ``TypeError`` unless ``x`` has a real floating-point dtype."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{name}: expected a real floating-point dtype (float16, bfloat16, float32 or "
+            f"float64), got {_dtype_name(x.dtype)}"
+        )
+
+
+def normalize_axis(axis: object, ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Return ``axis`` as a sorted tuple of non-negative ints, NumPy's convention."""
+    if not isinstance(axis, int | tuple):
+        raise TypeError(f"{name}: expected an int or a tuple of ints, got {axis!r}")
+    return _normalize_axis(axis, ndim, name)
+
+
+@functools.lru_cache(maxsize=256)
+def _normalize_axis(axis: int | tuple[object, ...], ndim: int, name: str) -> tuple[int, ...]:
+    given = axis if isinstance(axis, tuple) else (axis,)
+    axes: list[int] = []
+    for a in given:
+        if isinstance(a, bool) or not isinstance(a, int | np.integer):
+            raise TypeError(f"{name}: expected an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{name}: expected axes in [{-ndim}, {ndim}) for an input with {ndim} "
+                f"dimensions, got {axis!r}"
+            )
+        axes.append(int(a) % ndim)
+    normalized = tuple(sorted(axes))
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"{name}: expected distinct axes, got {axis!r}")
+    return normalized
+
+
+@functools.cache
+def _float64_works(xp: Namespace, device: Any) -> bool:
+    try:
+        xp.zeros(1, dtype=xp.float64, device=device)
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+def accumulation_dtype(xp: Namespace, x: Array) -> Any:
+    """float64 on every device that has it (float32 where it does not, as Apple's MPS)."""
+    device = array_api_compat.device(x)
+    return xp.float64 if _float64_works(xp, device) else xp.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(count: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+    ones = np.ones(count)
+    ones.flags.writeable = False
+    return ones
+
+
+def sum_over(xp: Namespace, d: Array, axes: tuple[int, ...]) -> Array:
+    """Sum ``d`` over ``axes``; leading axes of a NumPy array go through one BLAS product.
+
+    NumPy's ``sum(axis=0)`` walks a C-ordered batch row by row; a product with a vector of
+    ones gives the same float64 sums about three times as fast.
+    """
+    k = len(axes)
+    if type(d) is np.ndarray and k and axes[-1] == k - 1 and d.flags.c_contiguous:
+        count = math.prod(d.shape[:k])
+        return (_ones(count) @ d.reshape(count, -1)).reshape(d.shape[k:])
+    return xp.sum(d, axis=axes)
+
+
+def expand_to(xp: Namespace, a: Array, ndim: int, axes: tuple[int, ...]) -> Array:
+    """Insert length-1 axes at ``axes`` so an array of the feature shape broadcasts."""
+    shape = list(a.shape)
+    for axis in axes:
+        shape.insert(axis, 1)
+    return xp.reshape(a, tuple(shape)) if len(shape) != a.ndim else a
+
+
+def clamp_non_negative(xp: Namespace, a: Array) -> Array:
+    """``max(a, 0)``: rounding can leave a tiny negative sum of squared deviations."""
+    if isinstance(a, np.ndarray):
+        return np.maximum(a, 0.0, out=a)
+    return xp.clip(a, min=0.0)
+
+
+def all_finite(xp: Namespace, a: Array) -> bool:
+    """Whether every element is finite (one host synchronisation on an accelerator)."""
+    return bool(xp.all(xp.isfinite(a)))
+
+
+def arrays_equal(a: Array, b: Array) -> bool:
+    """Exact equality of two arrays of any namespace: same shape and same values."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    xp = array_api_compat.array_namespace(a, b)
+    return bool(xp.all(a == b))

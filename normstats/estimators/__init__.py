@@ -1,0 +1,18 @@
+"""Running-statistics strategies: four estimators behind one protocol."""
+
+from ._cumulative import CumulativeAverage
+from ._ema import EMA, ExponentialMovingAverage
+from ._pooled import ExactFullPass, Welford
+from ._protocol import RunningStats
+from ._registry import STRATEGIES, make_stats
+
+__all__ = [
+    "EMA",
+    "STRATEGIES",
+    "CumulativeAverage",
+    "ExactFullPass",
+    "ExponentialMovingAverage",
+    "RunningStats",
+    "Welford",
+    "make_stats",
+]

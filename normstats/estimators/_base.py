@@ -1,0 +1,301 @@
+"""What every strategy shares: batch validation, the NaN policy, counters and state dicts.
+
+A strategy subclasses :class:`Estimator` and says how a reduced batch changes its state
+(``_fold``), which template a batch is shifted by (``_template``) and which arrays make up
+its state. Validation happens before any state changes, so a rejected batch or state dict
+leaves the estimator exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import ClassVar, TypeVar, cast
+
+import array_api_compat
+import attrs
+
+from .._arrays import (
+    accumulation_dtype,
+    all_finite,
+    as_array,
+    check_floating,
+    describe,
+    normalize_axis,
+)
+from .._typing import Array, Axis, Namespace
+from .._validation import as_count, as_real, check_nan_policy
+from ..moments import Moments, ShiftedMoments, reduce_batch
+from ._protocol import StateValue
+
+E = TypeVar("E", bound="Estimator")
+
+
+@attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
+class Estimator:
+    """Base of the four strategies; not part of the public API.
+
+    Strategies are declared with ``@attrs.define(eq=False, repr=False,
+    on_setattr=attrs.setters.NO_OP)``: hyperparameters are validated when the estimator is
+    built and read-only afterwards (private fields behind properties), and the state, which
+    changes on every batch, is set without attrs' per-assignment hooks (they cost more than
+    the arithmetic of a small batch).
+    """
+
+    name: ClassVar[str]
+    """Strategy name, used by ``make_stats`` and as the ``state_dict`` key prefix."""
+    min_batch_count: ClassVar[int] = 1
+    """Fewest samples per feature a batch may have (2 where the unbiased batch variance is used)."""
+    array_keys: ClassVar[tuple[str, ...]]
+    """Names of the state arrays, in ``state_dict`` order."""
+
+    _nan_policy: str = attrs.field(
+        default="raise", kw_only=True, validator=check_nan_policy, alias="nan_policy"
+    )
+    _count: int = attrs.field(default=0, init=False, repr=False)
+    _num_batches: int = attrs.field(default=0, init=False, repr=False)
+    _num_batches_skipped: int = attrs.field(default=0, init=False, repr=False)
+
+    # -- what a strategy provides -------------------------------------------------------
+
+    def _state_template(self) -> Array | None:
+        """A state array (its feature shape, namespace and device), or None before any batch."""
+        raise NotImplementedError
+
+    def _fold(self, batch: ShiftedMoments) -> None:
+        """Fold a validated batch in (counters are updated by the caller)."""
+        raise NotImplementedError
+
+    def _arrays(self) -> dict[str, Array | float]:
+        """The state arrays by name (numbers before the first batch)."""
+        raise NotImplementedError
+
+    def _set_arrays(self, arrays: dict[str, Array] | None) -> None:
+        """Replace the state arrays; ``None`` restores the state before the first batch."""
+        raise NotImplementedError
+
+    def _hyperparameters(self) -> dict[str, int | float | bool]:
+        """Settings that a loaded state must agree with."""
+        return {}
+
+    # -- the RunningStats protocol ------------------------------------------------------
+
+    @property
+    def nan_policy(self) -> str:
+        """``"raise"``: a batch with NaN or Inf raises; ``"skip"``: it is skipped and counted."""
+        return self._nan_policy
+
+    def __repr__(self) -> str:
+        settings = {**self._hyperparameters(), "nan_policy": self._nan_policy}
+        arguments = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+        return f"{type(self).__name__}({arguments})"
+
+    @property
+    def count(self) -> int:
+        """Samples folded in (per feature)."""
+        return self._count
+
+    @property
+    def num_batches(self) -> int:
+        """Batches folded in."""
+        return self._num_batches
+
+    @property
+    def num_batches_skipped(self) -> int:
+        """Non-finite batches skipped under ``nan_policy="skip"``."""
+        return self._num_batches_skipped
+
+    def update(self, x: Array, axis: Axis = 0) -> None:
+        """Fold in the batch ``x``, reduced over ``axis`` (``(0, 2, 3)`` for NCHW).
+
+        Raises ``TypeError`` for a non-floating dtype and ``ValueError`` for a batch with too
+        few samples, a feature shape other than earlier batches', or NaN/Inf values (unless
+        ``nan_policy="skip"``); the estimator is unchanged when it raises.
+        """
+        xp, x = as_array(x, "x")
+        check_floating(xp, x, "x")
+        axes = normalize_axis(axis, x.ndim)
+        feature_shape = tuple(size for i, size in enumerate(x.shape) if i not in axes)
+        count = math.prod(x.shape[i] for i in axes)
+        self._check_batch(xp, x, feature_shape, count, what=f"x of shape {tuple(x.shape)}")
+        batch = reduce_batch(xp, x, axes)
+        if not batch.finite:
+            if self._nan_policy == "skip":
+                self._num_batches_skipped += 1
+                return
+            if all_finite(xp, x):
+                raise ValueError(
+                    "x: expected values whose squares fit in float64, got values so large that "
+                    "their squares overflow"
+                )
+            raise ValueError("x: expected finite values, got a batch containing NaN or Inf")
+        self._commit(batch)
+
+    def update_moments(self, moments: Moments) -> None:
+        """Fold in precomputed batch :class:`~normstats.Moments`; ``count == 0`` changes nothing."""
+        if not isinstance(moments, Moments):
+            raise TypeError(f"moments: expected normstats.Moments, got {type(moments).__name__}")
+        if moments.count == 0:
+            return
+        xp = array_api_compat.array_namespace(moments.mean, moments.m2)
+        self._check_batch(xp, moments.mean, moments.feature_shape, moments.count, what="moments")
+        dtype = accumulation_dtype(xp, moments.mean)
+        mean = xp.astype(moments.mean, dtype)
+        m2 = xp.astype(moments.m2, dtype)
+        if not (all_finite(xp, mean) and all_finite(xp, m2)):
+            if self._nan_policy == "skip":
+                self._num_batches_skipped += 1
+                return
+            raise ValueError("moments: expected finite mean and m2, got NaN or Inf")
+        self._commit(ShiftedMoments(moments.count, mean, xp.zeros_like(mean), m2, finite=True))
+
+    def reset(self) -> None:
+        """Forget every batch; hyperparameters and ``nan_policy`` stay."""
+        self._count = self._num_batches = self._num_batches_skipped = 0
+        self._set_arrays(None)
+
+    def state_dict(self) -> dict[str, StateValue]:
+        """A flat dict of numbers and arrays, keys prefixed by the strategy name.
+
+        It round-trips through ``np.savez`` / ``np.load(allow_pickle=False)`` and
+        ``torch.save`` / ``torch.load(weights_only=True)``.
+        """
+        prefix = self.name + "."
+        state: dict[str, StateValue] = {prefix + k: v for k, v in self._hyperparameters().items()}
+        state[prefix + "count"] = self._count
+        state[prefix + "num_batches"] = self._num_batches
+        state[prefix + "num_batches_skipped"] = self._num_batches_skipped
+        state.update({prefix + k: v for k, v in self._arrays().items()})
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
+        """Restore a :meth:`state_dict` of the same strategy and settings.
+
+        Keys, kinds, shapes and hyperparameters are all checked before anything changes: on
+        any error the estimator is left exactly as it was.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
+        prefix = self.name + "."
+        expected = set(self.state_dict())
+        given = set(state_dict)
+        if given != expected:
+            strategies = sorted({str(k).split(".")[0] for k in given} - {self.name})
+            hint = f" (a state of strategy {strategies[0]!r})" if strategies else ""
+            raise ValueError(
+                f"state_dict: expected the keys of a {self.name!r} state {sorted(expected)}, "
+                f"got {sorted(map(str, given))}{hint}"
+            )
+        for key, setting in self._hyperparameters().items():
+            value = as_real(f"state_dict[{prefix + key!r}]", state_dict[prefix + key])
+            if value != setting:
+                raise ValueError(
+                    f"state_dict[{prefix + key!r}]: expected {setting!r}, this estimator's "
+                    f"setting, got {value!r}"
+                )
+        counters = {
+            k: as_count(f"state_dict[{prefix + k!r}]", state_dict[prefix + k])
+            for k in ("count", "num_batches", "num_batches_skipped")
+        }
+        if (counters["count"] == 0) != (counters["num_batches"] == 0):
+            raise ValueError(
+                f"state_dict: expected {prefix}count and {prefix}num_batches both zero or both "
+                f"positive, got {counters['count']} and {counters['num_batches']}"
+            )
+        arrays = None
+        if counters["count"] > 0:
+            arrays = _load_arrays({k: state_dict[prefix + k] for k in self.array_keys}, prefix)
+        self._set_arrays(arrays)
+        self._count = counters["count"]
+        self._num_batches = counters["num_batches"]
+        self._num_batches_skipped = counters["num_batches_skipped"]
+
+    # -- shared machinery -----------------------------------------------------------
+
+    def _commit(self, batch: ShiftedMoments) -> None:
+        self._fold(batch)
+        self._count += batch.count
+        self._num_batches += 1
+
+    def _check_batch(
+        self,
+        xp: Namespace,
+        x: Array,
+        feature_shape: tuple[int, ...],
+        count: int,
+        what: str,
+    ) -> None:
+        name = what.split()[0]
+        if count < self.min_batch_count:
+            needed = (
+                "at least one sample"
+                if self.min_batch_count == 1
+                else f"at least {self.min_batch_count} samples per feature (the unbiased batch "
+                f"variance of {self.name!r} needs them)"
+            )
+            raise ValueError(f"{name}: expected {needed}, got {count} in {what}")
+        template = self._state_template()
+        if template is None:
+            return
+        if tuple(template.shape) != feature_shape:
+            raise ValueError(
+                f"{name}: expected feature shape {tuple(template.shape)} as in earlier "
+                f"batches, got {feature_shape} from {what}"
+            )
+        state_xp = array_api_compat.array_namespace(template)
+        if state_xp is not xp:
+            raise TypeError(
+                f"{name}: expected an array of the estimator's namespace "
+                f"({state_xp.__name__}), got {type(x).__module__}.{type(x).__name__}"
+            )
+        if array_api_compat.device(template) != array_api_compat.device(x):
+            raise ValueError(
+                f"{name}: expected an array on {array_api_compat.device(template)}, where the "
+                f"statistics are, got one on {array_api_compat.device(x)}"
+            )
+
+    def _check_mergeable(self: E, other: object) -> E:
+        if type(other) is not type(self):
+            raise TypeError(
+                f"other: expected a {type(self).__name__} to merge, got {type(other).__name__}"
+            )
+        other = cast(E, other)  # type: ignore[redundant-cast]  # exact type checked above
+        mine, theirs = self._state_template(), other._state_template()
+        if mine is not None and theirs is not None and mine.shape != theirs.shape:
+            raise ValueError(
+                f"other: expected feature shape {tuple(mine.shape)}, got {tuple(theirs.shape)}"
+            )
+        return other
+
+    def _merge_counters(self, other: Estimator) -> None:
+        self._count += other._count
+        self._num_batches += other._num_batches
+        self._num_batches_skipped += other._num_batches_skipped
+
+
+NON_NEGATIVE = frozenset({"m2", "var"})
+"""State arrays that hold spreads, which a valid state never has negative."""
+
+
+def _load_arrays(values: dict[str, object], prefix: str) -> dict[str, Array]:
+    """Validate state arrays (floating, finite, one shape) and convert them to float64."""
+    arrays: dict[str, Array] = {}
+    shape: tuple[int, ...] | None = None
+    for key, value in values.items():
+        name = f"state_dict[{prefix + key!r}]"
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f"{name}: expected an array of statistics, got the number {value!r}")
+        xp, array = as_array(value, name)
+        check_floating(xp, array, name)
+        if shape is not None and tuple(array.shape) != shape:
+            raise ValueError(
+                f"{name}: expected shape {shape} like the others, got {describe(array)}"
+            )
+        shape = tuple(array.shape)
+        array = xp.astype(array, accumulation_dtype(xp, array), copy=True)
+        if not all_finite(xp, array):
+            raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+        if key in NON_NEGATIVE and not bool(xp.all(array >= 0)):
+            raise ValueError(f"{name}: expected non-negative values, got negative ones")
+        arrays[key] = array
+    return arrays

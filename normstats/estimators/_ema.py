@@ -1,0 +1,156 @@
+r"""The exponential moving average: PyTorch's and Keras/Flax's running statistics."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import array_api_compat
+import attrs
+
+from .._typing import Array
+from .._validation import check_unit_interval
+from ..moments import ShiftedMoments
+from ._base import Estimator
+from ._protocol import RunningStats
+
+
+def _check_momentum(instance: object, attribute: Any, value: object) -> None:
+    check_unit_interval("momentum", value)
+
+
+def _check_debias(instance: object, attribute: Any, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"debias: expected a bool, got {type(value).__name__} {value!r}")
+
+
+@attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
+class ExponentialMovingAverage(Estimator):
+    r"""Exponential moving average of batch means and unbiased batch variances.
+
+    With ``momentum`` :math:`m` (the weight of the new batch, PyTorch's convention; Keras and
+    Flax call :math:`d = 1 - m` the decay, see :meth:`from_decay`):
+
+    .. math::
+
+        \mu \leftarrow (1 - m)\,\mu + m\,\bar x_b,\qquad
+        \sigma^2 \leftarrow (1 - m)\,\sigma^2 + m\,s_b^2
+
+    where :math:`s_b^2` is the unbiased batch variance. Batches are weighted geometrically by
+    age, not by size. Initialized as PyTorch does (mean 0, variance 1, reported as scalars
+    that broadcast before the first batch), the estimate equals ``torch.nn.BatchNorm*d``'s
+    ``running_mean`` and ``running_var`` fed the same batches.
+
+    With ``debias=True`` the averages start at zero and are divided by
+    :math:`1 - (1 - m)^t` after :math:`t` batches (Adam's bias correction), so the estimate
+    after the first batch is that batch's statistics; reading it earlier raises
+    ``ValueError``. An EMA has no exact merge (it depends on the order of the batches):
+    ``merge`` raises ``TypeError``.
+
+    Parameters
+    ----------
+    momentum : float
+        Weight of the newest batch, in (0, 1]. Default 0.1, PyTorch's default.
+    debias : bool
+        Zero initialization with bias correction instead of PyTorch's 0/1 initialization.
+    nan_policy : {"raise", "skip"}
+        What to do with a batch containing NaN or Inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normstats as ns
+    >>> stats = ns.EMA(momentum=0.5)
+    >>> stats.update(np.array([[2.0], [4.0]]))
+    >>> stats.mean.tolist(), stats.var.tolist()
+    ([1.5], [1.5])
+    """
+
+    name: ClassVar[str] = "ema"
+    min_batch_count: ClassVar[int] = 2
+    array_keys: ClassVar[tuple[str, ...]] = ("mean", "var")
+
+    _momentum: float = attrs.field(default=0.1, validator=_check_momentum, alias="momentum")
+    _debias: bool = attrs.field(default=False, validator=_check_debias, alias="debias")
+    _mean: Array = attrs.field(default=None, init=False, repr=False)
+    _var: Array = attrs.field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_decay(cls, decay: float, **kwargs: Any) -> ExponentialMovingAverage:
+        """Build from a Keras/Flax decay ``d`` in [0, 1): ``momentum = 1 - d``.
+
+        >>> ExponentialMovingAverage.from_decay(0.75).momentum
+        0.25
+        """
+        return cls(momentum=1.0 - check_unit_interval("decay", decay, include_zero=True), **kwargs)
+
+    @property
+    def momentum(self) -> float:
+        """Weight of the newest batch, in (0, 1]."""
+        return self._momentum
+
+    @property
+    def debias(self) -> bool:
+        """Whether the averages start at zero and are bias-corrected."""
+        return self._debias
+
+    @property
+    def mean(self) -> Array | float:
+        """Moving average of batch means (0.0 before the first batch unless debiased)."""
+        return self._estimate(self._mean, "mean", before_first=0.0)
+
+    @property
+    def var(self) -> Array | float:
+        """Moving average of unbiased batch variances (1.0 before the first batch)."""
+        return self._estimate(self._var, "var", before_first=1.0)
+
+    def merge(self, other: RunningStats) -> None:
+        """Not available: refuses with ``TypeError``.
+
+        An exponential moving average weights batches by their position in one stream; two
+        averages of separate streams do not determine the average of any single stream.
+        """
+        raise TypeError(
+            "merge: an exponential moving average has no exact merge (it depends on the order "
+            "of the batches); merge Welford, ExactFullPass or CumulativeAverage instead"
+        )
+
+    def _hyperparameters(self) -> dict[str, int | float | bool]:
+        return {"momentum": self.momentum, "debias": self.debias}
+
+    def _bias_correction(self) -> float:
+        return 1.0 - (1.0 - self.momentum) ** self._num_batches if self.debias else 1.0
+
+    def _estimate(self, value: Array | None, name: str, before_first: float) -> Array | float:
+        if value is None:
+            if self.debias:
+                raise ValueError(f"{name}: no batch seen yet; a debiased EMA needs one first")
+            return before_first
+        return value / self._bias_correction() if self.debias else value
+
+    def _state_template(self) -> Array | None:
+        return self._mean
+
+    def _fold(self, batch: ShiftedMoments) -> None:
+        m = self.momentum
+        batch_var = batch.m2 / (batch.count - 1)
+        if self._mean is None:
+            xp = array_api_compat.array_namespace(batch.m2)
+            mean = xp.zeros_like(batch.m2)
+            var = mean if self.debias else xp.ones_like(batch.m2)
+            self._mean = mean + batch.mean * m
+            self._var = var + (batch_var - var) * m
+            return
+        self._mean = self._mean + (batch.mean - self._mean) * m
+        self._var = self._var + (batch_var - self._var) * m
+
+    def _arrays(self) -> dict[str, Array | float]:
+        if self._mean is None:
+            return {"mean": 0.0, "var": 0.0 if self.debias else 1.0}
+        return {"mean": self._mean, "var": self._var}
+
+    def _set_arrays(self, arrays: dict[str, Array] | None) -> None:
+        self._mean, self._var = (None, None) if arrays is None else (arrays["mean"], arrays["var"])
+
+
+EMA = ExponentialMovingAverage
+"""Short alias of :class:`ExponentialMovingAverage`."""

@@ -1,0 +1,213 @@
+r"""Moments: the sufficient statistics of a stream, and Chan's exact merge.
+
+A :class:`Moments` record holds, per feature, the sample ``count``, the ``mean`` and ``m2``,
+the sum of squared deviations from the mean. Two records of disjoint samples merge exactly
+(Chan, Golub & LeVeque, 1979):
+
+.. math::
+
+    n = n_a + n_b,\quad \delta = \bar x_b - \bar x_a,\quad
+    \bar x = \bar x_a + \delta\,\frac{n_b}{n},\quad
+    M_2 = M_{2,a} + M_{2,b} + \delta^2\,\frac{n_a n_b}{n}
+
+so the statistics of a stream do not depend on how it was split into batches. Variances are
+derived on read, ``M2 / (n - ddof)``; nothing here ever forms ``E[x^2] - E[x]^2``.
+
+A batch is reduced to the sums :math:`S_1 = \sum (x - s)` and :math:`S_2 = \sum (x - s)^2`
+around a reference :math:`s`, and :math:`M_2 = S_2 - S_1^2 / n`. Around zero this is one
+pass; when the data sit far from zero relative to their spread (1e8 + N(0, 1), say) the
+subtraction would cancel every digit, so such a batch is reduced again around its own mean,
+which the first pass found. Sums accumulate in float64 whatever the input dtype (float32
+only on devices without float64). Merges use the difference of means, so an estimator that
+tracks its mean to more than float64 precision (:class:`~normstats.Welford`) keeps every
+digit over any number of batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import attrs
+
+from ._arrays import (
+    accumulation_dtype,
+    all_finite,
+    arrays_equal,
+    as_array,
+    check_floating,
+    clamp_non_negative,
+    describe,
+    expand_to,
+    normalize_axis,
+    sum_over,
+)
+from ._typing import Array, Axis, Namespace
+
+
+class ShiftedMoments(NamedTuple):
+    """A reduced batch relative to a reference: its mean is ``shift + delta``."""
+
+    count: int  # type: ignore[assignment]  # shadows tuple.count, like Moments.count
+    shift: Array | float
+    delta: Array
+    m2: Array
+    finite: bool
+    """Whether every statistic is finite (the batch held no NaN, Inf or overflowing value)."""
+
+    @property
+    def mean(self) -> Array:
+        return self.shift + self.delta
+
+
+DIGITS_AT_STAKE = 64.0
+"""Largest ``sum(x**2) / M2`` (about ``1 + mean**2 / var``) reduced without a shift.
+
+``M2 = S2 - S1**2 / n`` loses ``log10(S2 / M2)`` digits to cancellation; below this ratio
+(a mean within 8 standard deviations of zero) the loss is under two digits, and above it
+the batch is reduced again around its own mean.
+"""
+
+
+def reduce_batch(xp: Namespace, x: Array, axes: tuple[int, ...]) -> ShiftedMoments:
+    """Count, mean and M2 of ``x`` over ``axes``, accumulated in float64.
+
+    One pass of sums :math:`S_1, S_2` around zero; when the data's offset would cost digits
+    (or a value is not finite), a second pass around the mean that the first one found. The
+    check costs one host synchronisation on an accelerator.
+    """
+    count = math.prod(x.shape[a] for a in axes)
+    s1, m2, s2 = _sums_around(xp, x, axes, count, 0.0)
+    delta = s1 / max(count, 1)
+    if bool(xp.all(m2 * DIGITS_AT_STAKE - s2 >= 0)):  # False for NaN and Inf too
+        return ShiftedMoments(count, 0.0, delta, m2, finite=True)
+    shift = delta
+    s1, m2, _ = _sums_around(xp, x, axes, count, shift)
+    m2 = clamp_non_negative(xp, m2)
+    return ShiftedMoments(count, shift, s1 / max(count, 1), m2, finite=all_finite(xp, m2))
+
+
+def _sums_around(
+    xp: Namespace, x: Array, axes: tuple[int, ...], count: int, shift: Array | float
+) -> tuple[Array, Array, Array]:
+    """``S1 = sum(x - shift)``, ``M2 = S2 - S1**2 / n`` and ``S2 = sum((x - shift)**2)``."""
+    d = xp.astype(x, accumulation_dtype(xp, x), copy=True)
+    if not isinstance(shift, float):
+        d -= expand_to(xp, shift, d.ndim, axes)
+    s1 = sum_over(xp, d, axes)
+    d *= d
+    s2 = sum_over(xp, d, axes)
+    return s1, s2 - s1 * (s1 / max(count, 1)), s2
+
+
+def chan_merge(
+    count_a: int, m2_a: Array, count_b: int, delta: Array, m2_b: Array
+) -> tuple[Array, Array]:
+    """Chan's merge of two disjoint samples: ``(mean_merged - mean_a, m2_merged)``.
+
+    ``delta`` is ``mean_b - mean_a``. Taking the difference rather than the two means lets a
+    caller that reduced batch ``b`` around ``mean_a`` keep every digit of it.
+    """
+    weight_b = count_b / (count_a + count_b)
+    return delta * weight_b, m2_a + m2_b + delta * delta * (count_a * weight_b)
+
+
+def compensated_add(high: Array, low: Array, step: Array) -> tuple[Array, Array]:
+    """Add ``step`` to the unevaluated sum ``high + low``; return the new ``(high, low)``.
+
+    ``low`` carries the rounding error of ``high`` (Fast2Sum, exact while
+    ``|high| >= |low + step|``), so a running mean of 1e8 + N(0, 1) data is known to far
+    better than one float64 ulp of 1e8, and Chan's ``delta`` stays exact batch after batch.
+    """
+    addend = low + step
+    total = high + addend
+    return total, addend - (total - high)
+
+
+def _check_count(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"count: expected a non-negative int, got {value!r}")
+
+
+@attrs.frozen
+class Moments:
+    """Count, mean and sum of squared deviations (M2) per feature; merges exactly.
+
+    Parameters
+    ----------
+    count : int
+        Number of samples per feature.
+    mean : array
+        Mean per feature.
+    m2 : array
+        Sum of squared deviations from the mean, per feature (``var(ddof) = m2 / (count - ddof)``).
+
+    Shape
+    -----
+    ``mean`` and ``m2`` have the feature shape: the input's shape without the reduced axes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normstats as ns
+    >>> x = np.arange(12.0).reshape(6, 2)
+    >>> m = ns.Moments.from_array(x[:2]) + ns.Moments.from_array(x[2:])
+    >>> m.count, m.mean.tolist(), m.var(ddof=1).tolist()
+    (6, [5.0, 6.0], [14.0, 14.0])
+    """
+
+    count: int = attrs.field(validator=_check_count)
+    mean: Array = attrs.field(eq=attrs.cmp_using(eq=arrays_equal))
+    m2: Array = attrs.field(eq=attrs.cmp_using(eq=arrays_equal))
+
+    @m2.validator
+    def _check_shapes(self, attribute: attrs.Attribute[Array], value: Array) -> None:
+        mean_shape = tuple(getattr(self.mean, "shape", ()))
+        m2_shape = tuple(getattr(value, "shape", ()))
+        if mean_shape != m2_shape:
+            raise ValueError(f"m2: expected the shape of mean {mean_shape}, got {describe(value)}")
+
+    @classmethod
+    def from_array(cls, x: Array, axis: Axis = 0) -> Moments:
+        """Reduce ``x`` over ``axis`` (an int or a tuple; NCHW batches use ``(0, 2, 3)``).
+
+        Statistics are float64 arrays in ``x``'s namespace and on its device.
+        """
+        xp, x = as_array(x, "x")
+        check_floating(xp, x, "x")
+        batch = reduce_batch(xp, x, normalize_axis(axis, x.ndim))
+        return cls(batch.count, batch.mean, batch.m2)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of ``mean`` and ``m2``."""
+        return tuple(self.mean.shape)
+
+    def var(self, ddof: int = 0) -> Array:
+        """Variance ``m2 / (count - ddof)``; raises ``ValueError`` when ``count <= ddof``."""
+        if self.count <= ddof:
+            raise ValueError(
+                f"ddof: expected fewer than count={self.count} degrees of freedom, got {ddof}"
+            )
+        return self.m2 / (self.count - ddof)
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of both samples together (Chan's formula); ``count == 0`` is the identity."""
+        if not isinstance(other, Moments):
+            raise TypeError(f"other: expected Moments, got {type(other).__name__}")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        if self.feature_shape != other.feature_shape:
+            raise ValueError(
+                f"other: expected moments of feature shape {self.feature_shape}, "
+                f"got {other.feature_shape}"
+            )
+        step, m2 = chan_merge(self.count, self.m2, other.count, other.mean - self.mean, other.m2)
+        return Moments(self.count + other.count, self.mean + step, m2)
+
+    def __add__(self, other: object) -> Moments:
+        if not isinstance(other, Moments):
+            return NotImplemented
+        return self.merge(other)
