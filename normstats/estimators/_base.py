@@ -8,7 +8,6 @@ leaves the estimator exactly as it was.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import ClassVar, TypeVar, cast
 
@@ -22,8 +21,9 @@ from .._arrays import (
     check_floating,
     describe,
     normalize_axis,
+    split_shape,
 )
-from .._typing import Array, Axis, Namespace
+from .._typing import Array, Axis
 from .._validation import as_count, as_real, check_nan_policy
 from ..moments import Moments, ShiftedMoments, reduce_batch
 from ._protocol import StateValue
@@ -115,9 +115,8 @@ class Estimator:
         xp, x = as_array(x, "x")
         check_floating(xp, x, "x")
         axes = normalize_axis(axis, x.ndim)
-        feature_shape = tuple(size for i, size in enumerate(x.shape) if i not in axes)
-        count = math.prod(x.shape[i] for i in axes)
-        self._check_batch(xp, x, feature_shape, count, what=f"x of shape {tuple(x.shape)}")
+        feature_shape, count = split_shape(tuple(x.shape), axes)
+        self._check_batch(x, feature_shape, count, "x")
         batch = reduce_batch(xp, x, axes)
         if not batch.finite:
             if self._nan_policy == "skip":
@@ -138,7 +137,7 @@ class Estimator:
         if moments.count == 0:
             return
         xp = array_api_compat.array_namespace(moments.mean, moments.m2)
-        self._check_batch(xp, moments.mean, moments.feature_shape, moments.count, what="moments")
+        self._check_batch(moments.mean, moments.feature_shape, moments.count, "moments")
         dtype = accumulation_dtype(xp, moments.mean)
         mean = xp.astype(moments.mean, dtype)
         m2 = xp.astype(moments.m2, dtype)
@@ -217,15 +216,8 @@ class Estimator:
         self._count += batch.count
         self._num_batches += 1
 
-    def _check_batch(
-        self,
-        xp: Namespace,
-        x: Array,
-        feature_shape: tuple[int, ...],
-        count: int,
-        what: str,
-    ) -> None:
-        name = what.split()[0]
+    def _check_batch(self, x: Array, feature_shape: tuple[int, ...], count: int, name: str) -> None:
+        """Sample count, feature shape, array type and device of a batch (or its ``mean``)."""
         if count < self.min_batch_count:
             needed = (
                 "at least one sample"
@@ -233,25 +225,24 @@ class Estimator:
                 else f"at least {self.min_batch_count} samples per feature (the unbiased batch "
                 f"variance of {self.name!r} needs them)"
             )
-            raise ValueError(f"{name}: expected {needed}, got {count} in {what}")
+            raise ValueError(f"{name}: expected {needed}, got {count} ({describe(x)})")
         template = self._state_template()
         if template is None:
             return
-        if tuple(template.shape) != feature_shape:
+        if template.shape != feature_shape:
             raise ValueError(
                 f"{name}: expected feature shape {tuple(template.shape)} as in earlier "
-                f"batches, got {feature_shape} from {what}"
+                f"batches, got {feature_shape} ({describe(x)})"
             )
-        state_xp = array_api_compat.array_namespace(template)
-        if state_xp is not xp:
+        if type(x) is not type(template):
             raise TypeError(
-                f"{name}: expected an array of the estimator's namespace "
-                f"({state_xp.__name__}), got {type(x).__module__}.{type(x).__name__}"
+                f"{name}: expected a {type(template).__module__}.{type(template).__name__} "
+                f"like the estimator's state, got {type(x).__module__}.{type(x).__name__}"
             )
-        if array_api_compat.device(template) != array_api_compat.device(x):
+        if x.device != template.device:
             raise ValueError(
-                f"{name}: expected an array on {array_api_compat.device(template)}, where the "
-                f"statistics are, got one on {array_api_compat.device(x)}"
+                f"{name}: expected an array on {template.device}, where the statistics are, "
+                f"got one on {x.device}"
             )
 
     def _check_mergeable(self: E, other: object) -> E:
