@@ -53,7 +53,9 @@ def as_real(name: str, value: object) -> float:
 def as_flag(name: str, value: object) -> bool:
     """Return a boolean given as a Python, NumPy or 0-d array bool (or 0/1)."""
     number = getattr(value, "item", lambda: value)() if _is_scalar_array(value) else value
-    if isinstance(number, bool | np.bool_) or number in (0, 1):
+    if isinstance(number, bool | np.bool_):
+        return bool(number)
+    if isinstance(number, int | np.integer) and number in (0, 1):
         return bool(number)
     raise TypeError(f"{name}: expected a bool, got {value!r}")
 

@@ -29,6 +29,7 @@ import math
 from typing import NamedTuple
 
 import attrs
+import numpy as np
 
 from ._arrays import (
     accumulation_dtype,
@@ -50,7 +51,8 @@ class ShiftedMoments(NamedTuple):
     """A reduced batch relative to a reference: its mean is ``shift + delta``."""
 
     count: int  # type: ignore[assignment]  # shadows tuple.count, like Moments.count
-    shift: Array | float
+    shift: Array | None
+    """The reference the batch was reduced around; None for zero."""
     delta: Array
     m2: Array
     finite: bool
@@ -58,7 +60,7 @@ class ShiftedMoments(NamedTuple):
 
     @property
     def mean(self) -> Array:
-        return self.shift + self.delta
+        return self.delta if self.shift is None else self.shift + self.delta
 
 
 DIGITS_AT_STAKE = 64.0
@@ -75,33 +77,35 @@ def reduce_batch(xp: Namespace, x: Array, axes: tuple[int, ...]) -> ShiftedMomen
 
     One pass of sums :math:`S_1, S_2` around zero; when the data's offset would cost digits
     (or a value is not finite), a second pass around the mean that the first one found. The
-    check costs one host synchronisation on an accelerator.
+    check costs one host synchronisation on an accelerator. NaN and Inf propagate into the
+    result (``finite`` says so) without NumPy warnings.
     """
     count = split_shape(tuple(x.shape), axes)[1]
-    delta, m2, s2 = _sums_around(xp, x, axes, count, 0.0)
-    if _precise(xp, m2, s2):
-        return ShiftedMoments(count, 0.0, delta, m2, finite=True)
-    shift = delta
-    delta, m2, _ = _sums_around(xp, x, axes, count, shift)
-    m2 = clamp_non_negative(xp, m2)
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta, m2, s2 = _sums_around(xp, x, axes, count, None)
+        if _precise(m2, s2):
+            return ShiftedMoments(count, None, delta, m2, finite=True)
+        shift = delta
+        delta, m2, _ = _sums_around(xp, x, axes, count, shift)
+        m2 = clamp_non_negative(xp, m2)
     return ShiftedMoments(count, shift, delta, m2, finite=all_finite(xp, m2))
 
 
-def _precise(xp: Namespace, m2: Array, s2: Array) -> bool:
+def _precise(m2: Array, s2: Array) -> bool:
     """``S2 <= DIGITS_AT_STAKE * M2`` for every feature; False for NaN and Inf."""
     margin = m2 * DIGITS_AT_STAKE - s2
     return bool(margin.min() >= 0) if math.prod(margin.shape) else True
 
 
 def _sums_around(
-    xp: Namespace, x: Array, axes: tuple[int, ...], count: int, shift: Array | float
+    xp: Namespace, x: Array, axes: tuple[int, ...], count: int, shift: Array | None
 ) -> tuple[Array, Array, Array]:
     """``(S1 / n, M2, S2)`` with ``S1 = sum(x - shift)``, ``S2 = sum((x - shift)**2)``.
 
     ``M2 = S2 - S1 * (S1 / n)``, the corrected two-pass formula when ``shift`` is near the mean.
     """
     d = xp.astype(x, accumulation_dtype(xp, x), copy=True)
-    if not isinstance(shift, float):
+    if shift is not None:
         d -= expand_to(xp, shift, d.ndim, axes)
     sum_over = column_summer(xp, d, axes)
     s1 = sum_over(d)
@@ -124,8 +128,10 @@ def chan_merge(
 
 
 def _check_count(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"count: expected a non-negative int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"count: expected a non-negative int, got {value!r}")
 
 
 @attrs.frozen

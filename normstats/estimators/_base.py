@@ -8,7 +8,7 @@ leaves the estimator exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar, TypeVar, cast
 
 import array_api_compat
@@ -24,11 +24,19 @@ from .._arrays import (
     split_shape,
 )
 from .._typing import Array, Axis
-from .._validation import as_count, as_real, check_nan_policy
+from .._validation import as_count, as_flag, as_real, check_nan_policy
 from ..moments import Moments, ShiftedMoments, reduce_batch
-from ._protocol import StateValue
+from ._protocol import RunningStats, StateValue
 
 E = TypeVar("E", bound="Estimator")
+
+
+class NoBatchError(ValueError, AttributeError):
+    """Statistics were read before any batch was seen.
+
+    A ``ValueError``; also an ``AttributeError``, so that ``hasattr(stats, "mean")`` is False
+    before the first batch (as scikit-learn's ``NotFittedError``).
+    """
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
@@ -132,21 +140,55 @@ class Estimator:
 
     def update_moments(self, moments: Moments) -> None:
         """Fold in precomputed batch :class:`~normstats.Moments`; ``count == 0`` changes nothing."""
+        batch = self._as_batch(moments, min_count=self.min_batch_count)
+        if batch is None:
+            return
+        if not batch.finite:
+            if self._nan_policy == "skip":
+                self._num_batches_skipped += 1
+                return
+            raise ValueError("moments: expected finite mean and m2, got NaN or Inf")
+        self._commit(batch)
+
+    def load_moments(self, moments: Moments) -> None:
+        """Replace the estimate by population statistics measured elsewhere (a calibration).
+
+        Afterwards ``mean`` is ``moments.mean`` and ``var`` is ``moments.var(ddof=1)``
+        whatever the strategy; ``count`` is ``moments.count`` and ``num_batches`` is 1. This is
+        how an exact full pass is written into a layer's statistics. Invalid moments raise and
+        change nothing.
+        """
+        batch = self._as_batch(moments, min_count=2)
+        if batch is None or not batch.finite:
+            raise ValueError(
+                "moments: expected the finite moments of at least 2 samples, got "
+                f"count={moments.count}" + ("" if batch is None else " with NaN or Inf")
+            )
+        self.reset()
+        self._assign(batch)
+        self._count, self._num_batches = batch.count, 1
+
+    def _assign(self, batch: ShiftedMoments) -> None:
+        """Make ``batch`` the whole state of a freshly reset estimator."""
+        self._fold(batch)
+
+    def _as_batch(self, moments: Moments, min_count: int) -> ShiftedMoments | None:
+        """Validated float64 ``moments`` as a batch, or None when ``count`` is 0."""
         if not isinstance(moments, Moments):
             raise TypeError(f"moments: expected normstats.Moments, got {type(moments).__name__}")
         if moments.count == 0:
-            return
+            return None
+        if moments.count < min_count:
+            raise ValueError(
+                f"moments: expected at least {min_count} samples, got count={moments.count}"
+            )
         xp = array_api_compat.array_namespace(moments.mean, moments.m2)
         self._check_batch(moments.mean, moments.feature_shape, moments.count, "moments")
         dtype = accumulation_dtype(xp, moments.mean)
         mean = xp.astype(moments.mean, dtype)
         m2 = xp.astype(moments.m2, dtype)
-        if not (all_finite(xp, mean) and all_finite(xp, m2)):
-            if self._nan_policy == "skip":
-                self._num_batches_skipped += 1
-                return
-            raise ValueError("moments: expected finite mean and m2, got NaN or Inf")
-        self._commit(ShiftedMoments(moments.count, mean, xp.zeros_like(mean), m2, finite=True))
+        finite = all_finite(xp, mean) and all_finite(xp, m2)
+        return ShiftedMoments(moments.count, mean, xp.zeros_like(mean), m2, finite=finite)
 
     def reset(self) -> None:
         """Forget every batch; hyperparameters and ``nan_policy`` stay."""
@@ -186,7 +228,10 @@ class Estimator:
                 f"got {sorted(map(str, given))}{hint}"
             )
         for key, setting in self._hyperparameters().items():
-            value = as_real(f"state_dict[{prefix + key!r}]", state_dict[prefix + key])
+            parse: Callable[[str, object], float] = (
+                as_flag if isinstance(setting, bool) else as_real
+            )
+            value = parse(f"state_dict[{prefix + key!r}]", state_dict[prefix + key])
             if value != setting:
                 raise ValueError(
                     f"state_dict[{prefix + key!r}]: expected {setting!r}, this estimator's "
@@ -201,9 +246,13 @@ class Estimator:
                 f"state_dict: expected {prefix}count and {prefix}num_batches both zero or both "
                 f"positive, got {counters['count']} and {counters['num_batches']}"
             )
-        arrays = None
+        values = {k: state_dict[prefix + k] for k in self.array_keys}
         if counters["count"] > 0:
-            arrays = _load_arrays({k: state_dict[prefix + k] for k in self.array_keys}, prefix)
+            arrays = _load_arrays(values, prefix)
+        else:  # before the first batch the arrays are placeholder numbers
+            for key, placeholder in values.items():
+                as_real(f"state_dict[{prefix + key!r}]", placeholder)
+            arrays = None
         self._set_arrays(arrays)
         self._count = counters["count"]
         self._num_batches = counters["num_batches"]
@@ -234,7 +283,9 @@ class Estimator:
                 f"{name}: expected feature shape {tuple(template.shape)} as in earlier "
                 f"batches, got {feature_shape} ({describe(x)})"
             )
-        if type(x) is not type(template):
+        if type(x) is not type(template) and (
+            array_api_compat.array_namespace(x) is not array_api_compat.array_namespace(template)
+        ):
             raise TypeError(
                 f"{name}: expected a {type(template).__module__}.{type(template).__name__} "
                 f"like the estimator's state, got {type(x).__module__}.{type(x).__name__}"
@@ -290,3 +341,8 @@ def _load_arrays(values: dict[str, object], prefix: str) -> dict[str, Array]:
             raise ValueError(f"{name}: expected non-negative values, got negative ones")
         arrays[key] = array
     return arrays
+
+
+# Every strategy implements the protocol; registering makes isinstance() true even before
+# the first batch, when reading ``mean`` raises NoBatchError (Python < 3.12 reads it).
+RunningStats.register(Estimator)

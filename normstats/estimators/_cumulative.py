@@ -8,7 +8,7 @@ import attrs
 
 from .._typing import Array
 from ..moments import ShiftedMoments
-from ._base import Estimator
+from ._base import Estimator, NoBatchError
 from ._protocol import RunningStats
 
 
@@ -57,14 +57,14 @@ class CumulativeAverage(Estimator):
     def mean(self) -> Array:
         """Average of the batch means."""
         if self._mean is None:
-            raise ValueError("mean: no batch seen yet; call update() first")
+            raise NoBatchError("mean: no batch seen yet; call update() first")
         return self._mean
 
     @property
     def var(self) -> Array:
         """Average of the unbiased batch variances."""
         if self._var is None:
-            raise ValueError("var: no batch seen yet; call update() first")
+            raise NoBatchError("var: no batch seen yet; call update() first")
         return self._var
 
     def merge(self, other: RunningStats) -> None:

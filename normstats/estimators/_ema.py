@@ -10,7 +10,7 @@ import attrs
 from .._typing import Array
 from .._validation import check_unit_interval
 from ..moments import ShiftedMoments
-from ._base import Estimator
+from ._base import Estimator, NoBatchError
 from ._protocol import RunningStats
 
 
@@ -81,7 +81,9 @@ class ExponentialMovingAverage(Estimator):
         >>> ExponentialMovingAverage.from_decay(0.75).momentum
         0.25
         """
-        return cls(momentum=1.0 - check_unit_interval("decay", decay, include_zero=True), **kwargs)
+        momentum = 1.0 - check_unit_interval("decay", decay, include_zero=True)
+        # 1 - 0.99 is 0.010000000000000009 in binary; the decimal the user meant is 0.01.
+        return cls(momentum=float(f"{momentum:.15g}"), **kwargs)
 
     @property
     def momentum(self) -> float:
@@ -123,7 +125,7 @@ class ExponentialMovingAverage(Estimator):
     def _estimate(self, value: Array | None, name: str, before_first: float) -> Array | float:
         if value is None:
             if self.debias:
-                raise ValueError(f"{name}: no batch seen yet; a debiased EMA needs one first")
+                raise NoBatchError(f"{name}: no batch seen yet; a debiased EMA needs one first")
             return before_first
         return value / self._bias_correction() if self.debias else value
 
@@ -142,6 +144,13 @@ class ExponentialMovingAverage(Estimator):
             return
         self._mean = self._mean + (batch.mean - self._mean) * m
         self._var = self._var + (batch_var - self._var) * m
+
+    def _assign(self, batch: ShiftedMoments) -> None:
+        # The estimate after one batch must be the batch itself: store it as the state of
+        # an average whose only batch it was (scaled by the bias correction for t = 1).
+        scale = self._momentum if self._debias else 1.0
+        self._mean = batch.mean * scale
+        self._var = batch.m2 / (batch.count - 1) * scale
 
     def _arrays(self) -> dict[str, Array | float]:
         if self._mean is None:

@@ -14,7 +14,7 @@ import attrs
 
 from .._typing import Array
 from ..moments import Moments, ShiftedMoments, chan_merge
-from ._base import Estimator
+from ._base import Estimator, NoBatchError
 from ._protocol import RunningStats
 
 
@@ -39,18 +39,26 @@ class PooledEstimator(Estimator):
     @property
     def mean(self) -> Array:
         """Mean of every sample folded in."""
-        return self.moments.mean
+        return self._filled_moments("mean").mean
 
     @property
     def var(self) -> Array:
         """Unbiased (``ddof=1``) variance of every sample folded in."""
-        return self.moments.var(ddof=1)
+        moments = self._filled_moments("var")
+        if moments.count < 2:
+            raise ValueError(
+                f"var: the unbiased variance needs at least 2 samples, got {moments.count}"
+            )
+        return moments.var(ddof=1)
 
     @property
     def moments(self) -> Moments:
         """Count, mean and M2 of every sample folded in."""
+        return self._filled_moments("moments")
+
+    def _filled_moments(self, name: str) -> Moments:
         if self._origin is None:
-            raise ValueError(f"no batch seen yet; {self._unfilled_hint()}")
+            raise NoBatchError(f"{name}: no batch seen yet; {self._unfilled_hint()}")
         return Moments(self._count, self._origin + self._offset, self._m2)
 
     def merge(self, other: RunningStats) -> None:
@@ -72,13 +80,15 @@ class PooledEstimator(Estimator):
 
     def _fold(self, batch: ShiftedMoments) -> None:
         if self._origin is None:
-            self._origin, self._offset, self._m2 = batch.shift, batch.delta, batch.m2
-            if isinstance(batch.shift, float):  # reduced around zero: the mean is delta
+            if batch.shift is None:  # reduced around zero: the mean is delta
                 self._origin, self._offset = batch.delta, batch.delta * 0.0
+            else:
+                self._origin, self._offset = batch.shift, batch.delta
+            self._m2 = batch.m2
             return
         # With offset data batch.shift and origin are close float64 values, so their
         # difference is exact, and delta is exact up to the batch's own rounding.
-        if isinstance(batch.shift, float):  # reduced around zero
+        if batch.shift is None:  # reduced around zero
             delta = batch.delta - self._origin
         else:
             delta = (batch.shift - self._origin) + batch.delta

@@ -32,6 +32,9 @@ class RunningStats(Protocol):
     def update_moments(self, moments: Moments) -> None:
         """Fold in the precomputed moments of a batch."""
 
+    def load_moments(self, moments: Moments) -> None:
+        """Replace the estimate by population statistics (mean, unbiased var) measured elsewhere."""
+
     @property
     def mean(self) -> Array | float:
         """Current estimate of the population mean, per feature."""

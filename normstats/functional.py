@@ -1,0 +1,178 @@
+r"""Batch normalization as pure array functions: training forward, inference forward, backward.
+
+For an input :math:`x` with feature axis ``axis`` (1 for NCHW, -1 for channels-last), every
+other axis is reduced, so a dense (N, C) batch, a sequence (N, C, L) and an image batch
+(N, C, H, W) are one code path: each feature (channel) has its statistics over the
+:math:`m = N \cdot L` or :math:`N \cdot H \cdot W` values it takes in the batch.
+
+Training (Ioffe & Szegedy, 2015, Alg. 1) normalizes with the batch mean and the *biased*
+batch variance:
+
+.. math::
+
+    \mu_B = \tfrac{1}{m}\sum x_i,\quad
+    \sigma_B^2 = \tfrac{1}{m}\sum (x_i - \mu_B)^2,\quad
+    \hat x_i = \frac{x_i - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}},\quad
+    y_i = \gamma \hat x_i + \beta
+
+and returns the batch :class:`~normstats.Moments`, from which a running-statistics strategy
+takes the *unbiased* variance. Inference uses given statistics,
+:math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`.
+
+The backward pass is the exact gradient through :math:`\mu_B` and :math:`\sigma_B^2`:
+
+.. math::
+
+    \frac{\partial L}{\partial \beta} = \sum_i g_i,\quad
+    \frac{\partial L}{\partial \gamma} = \sum_i g_i \hat x_i,\quad
+    \frac{\partial L}{\partial x_i} = \frac{\gamma}{m \sqrt{\sigma_B^2 + \epsilon}}
+        \Big(m\, g_i - \frac{\partial L}{\partial \beta}
+        - \hat x_i \frac{\partial L}{\partial \gamma}\Big)
+
+with :math:`g = \partial L / \partial y`. Statistics are computed in float64; outputs have the
+input's dtype (or float64 where ``gamma`` is float64 and the input narrower, as NumPy's type
+promotion gives).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ._arrays import as_array, check_floating, expand_to, normalize_axis, split_shape
+from ._typing import Array, Namespace
+from .moments import Moments, reduce_batch
+
+
+class Cache(NamedTuple):
+    """What :func:`backward` needs from :func:`train_forward`."""
+
+    x_hat: Array
+    """The normalized input."""
+    inv_std: Array
+    """``1 / sqrt(var_B + eps)`` per feature, broadcastable against the input."""
+    gamma: Array | None
+    """The scale (broadcastable), or None without affine parameters."""
+    axes: tuple[int, ...]
+    """The reduced axes."""
+
+
+def reduced_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    """Every axis of an ``ndim``-dimensional input but the feature axis ``axis``."""
+    if ndim < 2:
+        raise ValueError(
+            f"x: expected an input with a batch axis and a feature axis (2 to 5 dimensions), "
+            f"got {ndim} dimension{'s' if ndim != 1 else ''}"
+        )
+    (feature,) = normalize_axis(axis, ndim)
+    return tuple(i for i in range(ndim) if i != feature)
+
+
+def train_forward(
+    x: Array,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+) -> tuple[Array, Moments, Cache]:
+    """Normalize ``x`` with its own batch statistics; return ``(y, batch moments, cache)``.
+
+    ``gamma`` and ``beta`` have one value per feature (None: no scale / no shift). A batch
+    with one value per feature raises ``ValueError``: its variance is zero and the output
+    would carry no information (PyTorch refuses it too).
+
+    >>> import numpy as np
+    >>> from normstats import functional as F
+    >>> y, moments, cache = F.train_forward(np.array([[1.0], [3.0]]), axis=1)
+    >>> y.ravel().round(4).tolist(), moments.mean.tolist(), moments.var(ddof=1).tolist()
+    ([-1.0, 1.0], [2.0], [2.0])
+    """
+    xp, x = as_array(x, "x")
+    check_floating(xp, x, "x")
+    axes = reduced_axes(x.ndim, axis)
+    count = split_shape(tuple(x.shape), axes)[1]
+    if count < 2:
+        raise ValueError(
+            f"x: expected more than 1 value per feature when training, got input of shape "
+            f"{tuple(x.shape)} ({count} value{'s' if count != 1 else ''} per feature)"
+        )
+    batch = reduce_batch(xp, x, axes)
+    moments = Moments(batch.count, batch.mean, batch.m2)
+    dtype = x.dtype
+    inv_std = 1.0 / xp.sqrt(batch.m2 / count + eps)
+    x_hat = (x - _along(xp, batch.mean, x, axes, dtype)) * _along(xp, inv_std, x, axes, dtype)
+    y = _scale_shift(xp, x_hat, gamma, beta, axes)
+    gamma_b = None if gamma is None else _along(xp, gamma, x, axes, y.dtype)
+    return y, moments, Cache(x_hat, _along(xp, inv_std, x, axes, y.dtype), gamma_b, axes)
+
+
+def eval_forward(
+    x: Array,
+    mean: Array | float,
+    var: Array | float,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+) -> Array:
+    """Normalize ``x`` with given statistics: ``gamma * (x - mean) / sqrt(var + eps) + beta``.
+
+    >>> import numpy as np
+    >>> from normstats import functional as F
+    >>> F.eval_forward(np.array([[3.0]]), mean=1.0, var=4.0, eps=0.0).tolist()
+    [[1.0]]
+    """
+    xp, x = as_array(x, "x")
+    check_floating(xp, x, "x")
+    axes = reduced_axes(x.ndim, axis)
+    inv_std = 1.0 / (var + eps) ** 0.5
+    x_hat = (x - _along(xp, mean, x, axes, x.dtype)) * _along(xp, inv_std, x, axes, x.dtype)
+    return _scale_shift(xp, x_hat, gamma, beta, axes)
+
+
+def backward(dy: Array, cache: Cache) -> tuple[Array, Array | None, Array | None]:
+    """Gradients ``(dx, dgamma, dbeta)`` of the training forward; None for absent parameters.
+
+    ``dgamma`` and ``dbeta`` are returned whenever the forward had ``gamma``; they are the
+    per-feature sums ``sum(dy * x_hat)`` and ``sum(dy)``.
+    """
+    xp, dy = as_array(dy, "dy")
+    if tuple(dy.shape) != tuple(cache.x_hat.shape):
+        raise ValueError(
+            f"dy: expected the shape of the forward output {tuple(cache.x_hat.shape)}, "
+            f"got {tuple(dy.shape)}"
+        )
+    axes, x_hat = cache.axes, cache.x_hat
+    count = split_shape(tuple(dy.shape), axes)[1]
+    dbeta = xp.sum(dy, axis=axes, keepdims=True)
+    dgamma = xp.sum(dy * x_hat, axis=axes, keepdims=True)
+    scale = cache.inv_std if cache.gamma is None else cache.gamma * cache.inv_std
+    dx = (scale / count) * (count * dy - dbeta - x_hat * dgamma)
+    if cache.gamma is None:
+        return dx, None, None
+    return dx, xp.reshape(dgamma, (-1,)), xp.reshape(dbeta, (-1,))
+
+
+def _along(
+    xp: Namespace, values: Array | float, x: Array, axes: tuple[int, ...], dtype: object
+) -> Array:
+    """Per-feature ``values`` shaped to broadcast against ``x`` (a number stays a number)."""
+    if isinstance(values, int | float):
+        return values
+    return xp.astype(expand_to(xp, values, x.ndim, axes), dtype)
+
+
+def _scale_shift(
+    xp: Namespace, x_hat: Array, gamma: Array | None, beta: Array | None, axes: tuple[int, ...]
+) -> Array:
+    y = (
+        x_hat
+        if gamma is None
+        else x_hat * _along(xp, gamma, x_hat, axes, _promoted(xp, x_hat, gamma))
+    )
+    return y if beta is None else y + _along(xp, beta, y, axes, _promoted(xp, y, beta))
+
+
+def _promoted(xp: Namespace, a: Array, b: Array) -> object:
+    return xp.result_type(a, b)
