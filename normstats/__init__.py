@@ -8,6 +8,8 @@
 [2.0, 20.0]
 """
 
+from . import functional
+from .batchnorm import BatchNorm
 from .estimators import (
     EMA,
     CumulativeAverage,
@@ -18,16 +20,20 @@ from .estimators import (
     make_stats,
 )
 from .moments import Moments
+from .standardizer import Standardizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EMA",
+    "BatchNorm",
     "CumulativeAverage",
     "ExactFullPass",
     "ExponentialMovingAverage",
     "Moments",
     "RunningStats",
+    "Standardizer",
     "Welford",
+    "functional",
     "make_stats",
 ]

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from ._arrays import as_array, check_floating, expand_to, normalize_axis, split_shape
 from ._typing import Array, Namespace
 from .moments import Moments, reduce_batch
@@ -99,9 +101,10 @@ def train_forward(
     batch = reduce_batch(xp, x, axes)
     moments = Moments(batch.count, batch.mean, batch.m2)
     dtype = x.dtype
-    inv_std = 1.0 / xp.sqrt(batch.m2 / count + eps)
-    x_hat = (x - _along(xp, batch.mean, x, axes, dtype)) * _along(xp, inv_std, x, axes, dtype)
-    y = _scale_shift(xp, x_hat, gamma, beta, axes)
+    with np.errstate(invalid="ignore"):  # a NaN/Inf batch gives NaN; the caller decides
+        inv_std = 1.0 / xp.sqrt(batch.m2 / count + eps)
+        x_hat = (x - _along(xp, batch.mean, x, axes, dtype)) * _along(xp, inv_std, x, axes, dtype)
+        y = _scale_shift(xp, x_hat, gamma, beta, axes)
     gamma_b = None if gamma is None else _along(xp, gamma, x, axes, y.dtype)
     return y, moments, Cache(x_hat, _along(xp, inv_std, x, axes, y.dtype), gamma_b, axes)
 

@@ -82,6 +82,20 @@ class Estimator:
         """Replace the state arrays; ``None`` restores the state before the first batch."""
         raise NotImplementedError
 
+    @property
+    def mean(self) -> Array | float:
+        """Current estimate of the population mean (each strategy says how)."""
+        raise NotImplementedError
+
+    @property
+    def var(self) -> Array | float:
+        """Current estimate of the population variance, unbiased (each strategy says how)."""
+        raise NotImplementedError
+
+    def merge(self, other: RunningStats) -> None:
+        """Fold in another estimator's stream (each strategy says whether it can)."""
+        raise NotImplementedError
+
     def _hyperparameters(self) -> dict[str, int | float | bool]:
         """Settings that a loaded state must agree with."""
         return {}

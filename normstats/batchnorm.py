@@ -1,0 +1,221 @@
+"""The BatchNorm layer: batch statistics in training, a pluggable strategy at inference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import functional
+from ._arrays import all_finite, as_array, check_floating, describe, normalize_axis
+from ._typing import Array
+from ._validation import as_real
+from .estimators import STRATEGIES, ExactFullPass, RunningStats, make_stats
+from .estimators._base import NoBatchError
+from .moments import Moments
+
+
+class BatchNorm:
+    r"""Batch normalization over axis ``axis`` with a pluggable population-statistics strategy.
+
+    In training, each feature (channel) is normalized with the mean and *biased* variance of
+    the current batch over every other axis (:math:`N` for (N, C), :math:`N \cdot L` for
+    (N, C, L), :math:`N \cdot H \cdot W` for (N, C, H, W)), and the batch's moments are fed
+    to ``stats``, which keeps the population estimate (its variance is the unbiased one). In
+    evaluation the layer computes :math:`\gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`
+    from ``stats.mean`` and ``stats.var``. ``backward`` is the exact gradient through the
+    batch mean and variance (see :mod:`normstats.functional`).
+
+    Parameters
+    ----------
+    num_features : int
+        Size of the feature axis (C).
+    stats : str or RunningStats
+        ``"ema"`` (default), ``"cumulative"``, ``"welford"``, ``"exact"`` (filled only by a
+        calibration pass, never by training batches), an estimator instance, or ``"batch"``
+        to normalize with batch statistics in evaluation too.
+    eps : float
+        Added to the variance before the square root.
+    affine : bool
+        Learn a scale ``gamma`` and shift ``beta`` per feature.
+    axis : int
+        The feature axis: 1 for (N, C, ...), -1 for channels-last.
+    dtype : NumPy dtype
+        Of ``gamma`` and ``beta`` (float64 by default).
+    **stats_kwargs
+        Passed to the strategy, e.g. ``momentum=0.01`` for ``"ema"``.
+
+    Shape
+    -----
+    Input of 2 to 5 dimensions with ``num_features`` along ``axis``; output the same shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normstats as ns
+    >>> bn = ns.BatchNorm(2, stats="welford")
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, size=(64, 2))
+    >>> y = bn(x)
+    >>> bool(np.allclose(y.mean(axis=0), 0.0) and np.allclose(y.std(axis=0), 1.0, atol=1e-4))
+    True
+    >>> bn.eval()
+    BatchNorm(2, stats=Welford(nan_policy='raise'), eps=1e-05, affine=True, axis=1)
+    >>> bool(np.allclose(bn(x), y, atol=1e-2))
+    True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        stats: str | RunningStats = "ema",
+        eps: float = 1e-5,
+        affine: bool = True,
+        axis: int = 1,
+        *,
+        dtype: Any = np.float64,
+        **stats_kwargs: Any,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int | np.integer):
+            raise TypeError(f"num_features: expected a positive int, got {num_features!r}")
+        if num_features < 1:
+            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+        eps = as_real("eps", eps)
+        if not eps >= 0:
+            raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis: expected an int, got {axis!r}")
+        self.num_features = int(num_features)
+        self.eps = eps
+        self.affine = bool(affine)
+        self.axis = axis
+        self.stats: RunningStats | None = _build_stats(stats, stats_kwargs)
+        self.gamma: Array | None = np.ones(self.num_features, dtype=dtype) if affine else None
+        self.beta: Array | None = np.zeros(self.num_features, dtype=dtype) if affine else None
+        self.grad_gamma: Array | None = None if self.gamma is None else np.zeros_like(self.gamma)
+        self.grad_beta: Array | None = None if self.beta is None else np.zeros_like(self.beta)
+        self.training = True
+        self._cache: functional.Cache | None = None
+
+    def __repr__(self) -> str:
+        stats = "'batch'" if self.stats is None else repr(self.stats)
+        return (
+            f"BatchNorm({self.num_features}, stats={stats}, eps={self.eps}, "
+            f"affine={self.affine}, axis={self.axis})"
+        )
+
+    def train(self, mode: bool = True) -> BatchNorm:
+        """Training mode (batch statistics, strategy updated); returns the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> BatchNorm:
+        """Evaluation mode (the strategy's statistics); returns the layer."""
+        return self.train(False)
+
+    def __call__(self, x: Array) -> Array:
+        return self.forward(x)
+
+    def forward(self, x: Array) -> Array:
+        """Normalize ``x``: batch statistics in training (and with ``stats="batch"``)."""
+        x = self._checked_input(x)
+        if self.training:
+            y, moments, cache = functional.train_forward(
+                x, self.gamma, self.beta, axis=self.axis, eps=self.eps
+            )
+            self._feed(moments)
+            self._cache = cache
+            return y
+        self._cache = None
+        if self.stats is None:
+            return functional.train_forward(x, self.gamma, self.beta, axis=self.axis, eps=self.eps)[
+                0
+            ]
+        mean, var = self.population_statistics()
+        return functional.eval_forward(
+            x, mean, var, self.gamma, self.beta, axis=self.axis, eps=self.eps
+        )
+
+    def backward(self, dy: Array) -> Array:
+        """Gradient with respect to the input of the last training ``forward``.
+
+        Stores ``grad_gamma`` and ``grad_beta`` (overwriting them). Raises ``ValueError``
+        without a preceding training forward or when ``dy`` has another shape.
+        """
+        if self._cache is None:
+            raise ValueError(
+                "dy: expected a preceding forward() in training mode, got none (backward "
+                "needs the batch statistics of a training forward)"
+            )
+        dx, dgamma, dbeta = functional.backward(dy, self._cache)
+        if dgamma is not None:
+            self.grad_gamma, self.grad_beta = dgamma, dbeta
+        return dx
+
+    def population_statistics(self) -> tuple[Array | float, Array | float]:
+        """``(mean, var)`` used in evaluation; raises if the strategy has none yet."""
+        if self.stats is None:
+            raise ValueError("stats: a 'batch' layer keeps no population statistics")
+        try:
+            return self.stats.mean, self.stats.var
+        except NoBatchError as error:
+            hint = (
+                "calibrate it first with normstats.adapters.numpy.recalibrate(model, batches)"
+                if isinstance(self.stats, ExactFullPass)
+                else "train it on at least one batch first"
+            )
+            raise ValueError(
+                f"stats: the layer has no population statistics yet ({error}); {hint}"
+            ) from None
+
+    def _checked_input(self, x: Array) -> Array:
+        xp, x = as_array(x, "x")
+        check_floating(xp, x, "x")
+        if not 2 <= x.ndim <= 5:
+            raise ValueError(
+                f"x: expected an input of 2 to 5 dimensions (N, C, ...), got {describe(x)}"
+            )
+        (feature_axis,) = normalize_axis(self.axis, x.ndim)
+        if x.shape[feature_axis] != self.num_features:
+            raise ValueError(
+                f"x: expected {self.num_features} features along axis {self.axis}, got "
+                f"{x.shape[feature_axis]} ({describe(x)})"
+            )
+        return x
+
+    def _feed(self, moments: Moments) -> None:
+        """Give the batch moments to the strategy; refuse a non-finite batch unchanged.
+
+        The exact full pass is never fed training batches: only calibration fills it.
+        """
+        stats = self.stats
+        fed = stats if stats is not None and not isinstance(stats, ExactFullPass) else None
+        xp, m2 = as_array(moments.m2, "m2")
+        if not all_finite(xp, m2):
+            if fed is not None and fed.nan_policy == "skip":
+                fed.update_moments(moments)  # counted as skipped; nothing is folded in
+                return
+            raise ValueError("x: expected finite values, got a training batch with NaN or Inf")
+        if fed is not None:
+            fed.update_moments(moments)
+
+
+def _build_stats(stats: str | RunningStats, kwargs: dict[str, Any]) -> RunningStats | None:
+    if isinstance(stats, str):
+        if stats == "batch":
+            if kwargs:
+                raise TypeError(f"stats='batch' takes no strategy arguments, got {sorted(kwargs)}")
+            return None
+        if stats not in STRATEGIES:
+            raise ValueError(
+                f"stats: expected one of {sorted([*STRATEGIES, 'batch'])} or an estimator, "
+                f"got {stats!r}"
+            )
+        return make_stats(stats, **kwargs)
+    if isinstance(stats, RunningStats):
+        if kwargs:
+            raise TypeError(
+                f"stats: strategy arguments {sorted(kwargs)} apply to a strategy name, not to "
+                f"an estimator instance"
+            )
+        return stats
+    raise TypeError(f"stats: expected a strategy name or an estimator, got {stats!r}")
