@@ -152,6 +152,12 @@ class BatchNorm:
             self.grad_gamma, self.grad_beta = dgamma, dbeta
         return dx
 
+    def parameters(self) -> list[tuple[Array, Array]]:
+        """``(value, gradient)`` pairs of the learned parameters (none without ``affine``)."""
+        if self.gamma is None or self.beta is None:
+            return []
+        return [(self.gamma, self.grad_gamma), (self.beta, self.grad_beta)]
+
     def population_statistics(self) -> tuple[Array | float, Array | float]:
         """``(mean, var)`` used in evaluation; raises if the strategy has none yet."""
         if self.stats is None:

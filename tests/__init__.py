@@ -1,0 +1,1 @@
+"""Test suite of normstats; mirrors the package layout."""

@@ -1,0 +1,1 @@
+"""Tests of the running-statistics strategies (``normstats.estimators``)."""
