@@ -217,20 +217,27 @@ def time_candidates(candidates: Sequence[Candidate], repeats: int) -> dict[str, 
 # -- candidates: normstats and the NumPy baselines ----------------------------------------
 
 
-def estimator_pass(name: str, batches: Sequence[Any]) -> Callable[[], Pass]:
-    """``make_stats(name)`` fed every batch; a fresh estimator per pass."""
+def feeding(
+    make: Callable[[], Any], feed: Callable[[Any, Any], object], batches: Sequence[Any]
+) -> Callable[[], Pass]:
+    """A fresh ``make()`` per pass, given every batch with ``feed(state, batch)``."""
 
     def prepare() -> Pass:
-        stats = ns.make_stats(name)
+        state = make()
 
         def run() -> object:
             for b in batches:
-                stats.update(b)
-            return stats
+                feed(state, b)
+            return state
 
         return run
 
     return prepare
+
+
+def estimator_pass(name: str, batches: Sequence[Any]) -> Callable[[], Pass]:
+    """``make_stats(name)`` fed every batch; a fresh estimator per pass."""
+    return feeding(lambda: ns.make_stats(name), lambda stats, b: stats.update(b), batches)
 
 
 def baseline_mean_var(batches: Sequence[np.ndarray]) -> Callable[[], Pass]:
@@ -263,67 +270,31 @@ def baseline_sum(batches: Sequence[np.ndarray]) -> Callable[[], Pass]:
 def river_per_sample(river_stats: ModuleType, data: np.ndarray) -> Callable[[], Pass]:
     """river's idiom: one ``Var`` per feature, each fed one Python float per sample."""
 
-    def prepare() -> Pass:
-        variances = [river_stats.Var() for _ in range(data.shape[1])]
+    def feed(variances: list[Any], row: np.ndarray) -> None:
+        for var, value in zip(variances, row.tolist(), strict=True):
+            var.update(value)
 
-        def run() -> object:
-            for row in data:
-                for var, value in zip(variances, row.tolist(), strict=True):
-                    var.update(value)
-            return variances
-
-        return run
-
-    return prepare
+    return feeding(lambda: [river_stats.Var() for _ in range(data.shape[1])], feed, list(data))
 
 
 def river_update_many(river_stats: ModuleType, batches: Sequence[np.ndarray]) -> Callable[[], Pass]:
     """river's batch API: one ``Var`` per feature, ``update_many`` with the batch's column."""
 
-    def prepare() -> Pass:
-        variances = [river_stats.Var() for _ in range(batches[0].shape[1])]
+    def feed(variances: list[Any], b: np.ndarray) -> None:
+        for j, var in enumerate(variances):
+            var.update_many(b[:, j])
 
-        def run() -> object:
-            for b in batches:
-                for j, var in enumerate(variances):
-                    var.update_many(b[:, j])
-            return variances
-
-        return run
-
-    return prepare
+    return feeding(lambda: [river_stats.Var() for _ in range(batches[0].shape[1])], feed, batches)
 
 
 def welford_package(welford: ModuleType, batches: Sequence[np.ndarray]) -> Callable[[], Pass]:
     """The ``welford`` package: ``Welford().add_all(batch)`` (a Python loop over the rows)."""
-
-    def prepare() -> Pass:
-        accumulator = welford.Welford()
-
-        def run() -> object:
-            for b in batches:
-                accumulator.add_all(b)
-            return accumulator
-
-        return run
-
-    return prepare
+    return feeding(welford.Welford, lambda accumulator, b: accumulator.add_all(b), batches)
 
 
 def sklearn_scaler(preprocessing: ModuleType, batches: Sequence[np.ndarray]) -> Callable[[], Pass]:
     """scikit-learn: ``StandardScaler().partial_fit(batch)``."""
-
-    def prepare() -> Pass:
-        scaler = preprocessing.StandardScaler()
-
-        def run() -> object:
-            for b in batches:
-                scaler.partial_fit(b)
-            return scaler
-
-        return run
-
-    return prepare
+    return feeding(preprocessing.StandardScaler, lambda scaler, b: scaler.partial_fit(b), batches)
 
 
 def peer_candidates(peers: Peers, batches: Sequence[np.ndarray]) -> list[Candidate]:
@@ -430,18 +401,7 @@ class TorchEMA:
 
 def direct_pass(make: Callable[[], Any], batches: Sequence[Any]) -> Callable[[], Pass]:
     """A fresh ``make()`` object fed every batch through its ``update``."""
-
-    def prepare() -> Pass:
-        stats = make()
-
-        def run() -> object:
-            for b in batches:
-                stats.update(b)
-            return stats
-
-        return run
-
-    return prepare
+    return feeding(make, lambda stats, b: stats.update(b), batches)
 
 
 def torch_candidates(torch: ModuleType, tensors: Sequence[Any]) -> list[Candidate]:
