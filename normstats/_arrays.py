@@ -31,17 +31,23 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_NUMPY = array_api_compat.array_namespace(np.empty(0))
+_NAMESPACES: dict[type, Namespace] = {np.ndarray: array_api_compat.array_namespace(np.empty(0))}
+"""Namespaces by array type, so that the hot path does not look them up again."""
 
 
 def as_array(x: object, name: str) -> tuple[Namespace, Array]:
     """Return ``(namespace, array)`` for an array-API array or anything NumPy can convert."""
-    if type(x) is np.ndarray:
-        return _NUMPY, x
+    xp = _NAMESPACES.get(type(x))
+    if xp is not None:
+        return xp, x
     try:
-        return array_api_compat.array_namespace(x), x
+        xp = array_api_compat.array_namespace(x)
     except TypeError:
         pass
+    else:
+        if array_api_compat.is_numpy_array(x) or array_api_compat.is_torch_array(x):
+            _NAMESPACES[type(x)] = xp
+        return xp, x
     try:
         converted = np.asarray(x)
     except (TypeError, ValueError) as error:
@@ -104,7 +110,8 @@ def accumulation_dtype(xp: Namespace, x: Array) -> Any:
     """float64 on every device that has it (float32 where it does not, as Apple's MPS)."""
     if type(x) is np.ndarray:
         return np.float64
-    return xp.float64 if _float64_works(xp, array_api_compat.device(x)) else xp.float32
+    device = getattr(x, "device", None) or array_api_compat.device(x)
+    return xp.float64 if _float64_works(xp, device) else xp.float32
 
 
 @functools.lru_cache(maxsize=256)
