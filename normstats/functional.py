@@ -62,8 +62,8 @@ def reduced_axes(ndim: int, axis: int) -> tuple[int, ...]:
     """Every axis of an ``ndim``-dimensional input but the feature axis ``axis``."""
     if ndim < 2:
         raise ValueError(
-            f"x: expected an input with a batch axis and a feature axis (2 to 5 dimensions), "
-            f"got {ndim} dimension{'s' if ndim != 1 else ''}"
+            f"x: expected an input with a batch axis and a feature axis (at least 2 "
+            f"dimensions), got {ndim} dimension{'s' if ndim != 1 else ''}"
         )
     (feature,) = normalize_axis(axis, ndim)
     return tuple(i for i in range(ndim) if i != feature)
