@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from normstats.adapters import numpy as nsnp
 
 import normstats as ns
+from normstats.adapters import numpy as nsnp
 
 TORCH_RTOL = 1e-7
 FD_RTOL = 1e-6

@@ -13,9 +13,9 @@ import copy
 
 import numpy as np
 import pytest
-from normstats.adapters import numpy as nsnp
 
 import normstats as ns
+from normstats.adapters import numpy as nsnp
 
 from ...helpers import assert_same_state, snapshot
 
