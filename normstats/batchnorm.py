@@ -119,6 +119,7 @@ class BatchNorm:
     def forward(self, x: Array) -> Array:
         """Normalize ``x``: batch statistics in training (and with ``stats="batch"``)."""
         x = self._checked_input(x)
+        self._cache = None  # a refused or evaluation forward leaves nothing to differentiate
         if self.training:
             y, moments, cache = functional.train_forward(
                 x, self.gamma, self.beta, axis=self.axis, eps=self.eps
@@ -126,7 +127,6 @@ class BatchNorm:
             self._feed(moments)
             self._cache = cache
             return y
-        self._cache = None
         if self.stats is None:
             return functional.train_forward(x, self.gamma, self.beta, axis=self.axis, eps=self.eps)[
                 0
@@ -164,15 +164,14 @@ class BatchNorm:
             raise ValueError("stats: a 'batch' layer keeps no population statistics")
         try:
             return self.stats.mean, self.stats.var
-        except NoBatchError as error:
+        except NoBatchError:
             hint = (
-                "calibrate it first with normstats.adapters.numpy.recalibrate(model, batches)"
+                "an exact full pass is filled by calibration: run "
+                "normstats.adapters.numpy.recalibrate(model, batches) first"
                 if isinstance(self.stats, ExactFullPass)
-                else "train it on at least one batch first"
+                else "train the layer on at least one batch first"
             )
-            raise ValueError(
-                f"stats: the layer has no population statistics yet ({error}); {hint}"
-            ) from None
+            raise ValueError(f"stats: the layer has no population statistics yet; {hint}") from None
 
     def _checked_input(self, x: Array) -> Array:
         xp, x = as_array(x, "x")

@@ -62,8 +62,8 @@ def reduced_axes(ndim: int, axis: int) -> tuple[int, ...]:
     """Every axis of an ``ndim``-dimensional input but the feature axis ``axis``."""
     if ndim < 2:
         raise ValueError(
-            f"x: expected an input with a batch axis and a feature axis (2 to 5 dimensions), "
-            f"got {ndim} dimension{'s' if ndim != 1 else ''}"
+            f"x: expected an input with a batch axis and a feature axis (at least 2 "
+            f"dimensions), got {ndim} dimension{'s' if ndim != 1 else ''}"
         )
     (feature,) = normalize_axis(axis, ndim)
     return tuple(i for i in range(ndim) if i != feature)
@@ -103,7 +103,8 @@ def train_forward(
     dtype = x.dtype
     with np.errstate(invalid="ignore"):  # a NaN/Inf batch gives NaN; the caller decides
         inv_std = 1.0 / xp.sqrt(batch.m2 / count + eps)
-        x_hat = (x - _along(xp, batch.mean, x, axes, dtype)) * _along(xp, inv_std, x, axes, dtype)
+        x_hat = x - _along(xp, batch.mean, x, axes, dtype)
+        x_hat *= _along(xp, inv_std, x, axes, dtype)
         y = _scale_shift(xp, x_hat, gamma, beta, axes)
     gamma_b = None if gamma is None else _along(xp, gamma, x, axes, y.dtype)
     return y, moments, Cache(x_hat, _along(xp, inv_std, x, axes, y.dtype), gamma_b, axes)
@@ -129,9 +130,18 @@ def eval_forward(
     xp, x = as_array(x, "x")
     check_floating(xp, x, "x")
     axes = reduced_axes(x.ndim, axis)
-    inv_std = 1.0 / (var + eps) ** 0.5
-    x_hat = (x - _along(xp, mean, x, axes, x.dtype)) * _along(xp, inv_std, x, axes, x.dtype)
-    return _scale_shift(xp, x_hat, gamma, beta, axes)
+    # (x - mean) * (gamma / sqrt(var + eps)) + beta: subtracting first keeps every digit of
+    # data far from zero, and the scale is one per-feature product.
+    scale = 1.0 / (var + eps) ** 0.5
+    dtype = x.dtype
+    if gamma is not None:
+        scale = scale * gamma
+        dtype = _promoted(xp, x, gamma)
+    y = x - _along(xp, mean, x, axes, x.dtype)
+    y = y * _along(xp, scale, y, axes, dtype)
+    if beta is not None:
+        y += _along(xp, beta, y, axes, y.dtype)
+    return y
 
 
 def backward(dy: Array, cache: Cache) -> tuple[Array, Array | None, Array | None]:
@@ -151,7 +161,11 @@ def backward(dy: Array, cache: Cache) -> tuple[Array, Array | None, Array | None
     dbeta = xp.sum(dy, axis=axes, keepdims=True)
     dgamma = xp.sum(dy * x_hat, axis=axes, keepdims=True)
     scale = cache.inv_std if cache.gamma is None else cache.gamma * cache.inv_std
-    dx = (scale / count) * (count * dy - dbeta - x_hat * dgamma)
+    # dx = scale * (dy - (dbeta + x_hat * dgamma) / m), in four passes and one new array
+    dx = x_hat * (dgamma / count)
+    dx += dbeta / count
+    dx -= dy
+    dx *= -scale
     if cache.gamma is None:
         return dx, None, None
     return dx, xp.reshape(dgamma, (-1,)), xp.reshape(dbeta, (-1,))
@@ -174,7 +188,12 @@ def _scale_shift(
         if gamma is None
         else x_hat * _along(xp, gamma, x_hat, axes, _promoted(xp, x_hat, gamma))
     )
-    return y if beta is None else y + _along(xp, beta, y, axes, _promoted(xp, y, beta))
+    if beta is None:
+        return y
+    if y is x_hat or xp.result_type(y, beta) != y.dtype:
+        return y + _along(xp, beta, y, axes, _promoted(xp, y, beta))
+    y += _along(xp, beta, y, axes, y.dtype)
+    return y
 
 
 def _promoted(xp: Namespace, a: Array, b: Array) -> object:
