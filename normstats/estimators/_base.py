@@ -86,6 +86,17 @@ class Estimator:
         """``(mean, unbiased var)`` of a state that has seen a batch."""
         raise NotImplementedError
 
+    def resumed_state(self, template: Array, mean: Array, var: Array, num_batches: Any) -> State:
+        """The state that continues from a framework layer's running statistics.
+
+        ``mean``, ``var`` and ``num_batches`` are what ``torch.nn.BatchNorm*d`` keeps
+        (``running_mean``, ``running_var``, ``num_batches_tracked``). Strategies that are an
+        average of batch statistics (EMA, cumulative) carry on from them exactly as PyTorch
+        would; a pool of samples cannot be resumed without its sample count, so the pooled
+        strategies start empty.
+        """
+        return self.initial_state(template)
+
     def _first_state(self, batch: ShiftedMoments) -> State:
         """The state a first batch is folded into (a strategy may pick an origin from it)."""
         return self.initial_state(batch.m2)

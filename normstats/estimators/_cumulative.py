@@ -2,7 +2,7 @@ r"""The cumulative average: every batch's statistics weighted equally."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -50,8 +50,11 @@ class CumulativeAverage(Estimator):
     array_keys: ClassVar[tuple[str, ...]] = ("mean", "var")
 
     def initial_state(self, template: Array) -> State:
+        return {"count": 0, "num_batches": 0, "mean": template * 0.0, "var": template * 0.0}
+
+    def resumed_state(self, template: Array, mean: Array, var: Array, num_batches: Any) -> State:
         zeros = template * 0.0
-        return {"count": 0, "num_batches": 0, "mean": zeros, "var": zeros}
+        return {"count": 0, "num_batches": num_batches, "mean": zeros + mean, "var": zeros + var}
 
     def step(self, state: State, batch: ShiftedMoments) -> State:
         weight = 1.0 / (state["num_batches"] + 1)

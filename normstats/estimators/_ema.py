@@ -128,13 +128,22 @@ class ExponentialMovingAverage(Estimator):
     # -- functional core ---------------------------------------------------------------
 
     def initial_state(self, template: Array) -> State:
-        zeros = template * 0.0
         # PyTorch starts at mean 0, variance 1; the debiased average starts at zero.
         return {
             "count": 0,
             "num_batches": 0,
-            "mean": zeros,
-            "var": zeros if self._debias else zeros + 1.0,
+            "mean": template * 0.0,
+            "var": template * 0.0 + (0.0 if self._debias else 1.0),
+        }
+
+    def resumed_state(self, template: Array, mean: Array, var: Array, num_batches: Any) -> State:
+        zeros = template * 0.0
+        scale = 1.0 - (1.0 - self._momentum) ** num_batches if self._debias else 1.0
+        return {
+            "count": 0,
+            "num_batches": num_batches,
+            "mean": zeros + mean * scale,
+            "var": zeros + var * scale,
         }
 
     def step(self, state: State, batch: ShiftedMoments) -> State:
