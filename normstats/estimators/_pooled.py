@@ -56,13 +56,12 @@ class PooledEstimator(Estimator):
     # -- functional core ---------------------------------------------------------------
 
     def initial_state(self, template: Array) -> State:
-        zeros = template * 0.0
         return {
             "count": 0,
             "num_batches": 0,
-            "mean_origin": zeros,
-            "mean_offset": zeros,
-            "m2": zeros,
+            "mean_origin": template * 0.0,
+            "mean_offset": template * 0.0,
+            "m2": template * 0.0,
         }
 
     def _first_state(self, batch: ShiftedMoments) -> State:
