@@ -58,6 +58,7 @@ class Standardizer:
         self.eps = eps
         self.stats_kwargs = stats_kwargs
         self._estimator: RunningStats | None = None
+        self._built_with: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         params = ", ".join(f"{key}={value!r}" for key, value in self.get_params().items())
@@ -70,17 +71,31 @@ class Standardizer:
         return {"stats": self.stats, "eps": self.eps, **self.stats_kwargs}
 
     def set_params(self, **params: Any) -> Standardizer:
-        """Set constructor parameters; the statistics start afresh at the next fit."""
+        """Set constructor parameters; a fitted state stays until the next fit.
+
+        A later ``partial_fit`` with other strategy parameters starts new statistics.
+        """
         for key, value in params.items():
             if key in ("stats", "eps"):
                 setattr(self, key, value)
             else:
-                self.stats_kwargs[key] = value
-        self._estimator = None
+                self.stats_kwargs = {**self.stats_kwargs, key: value}
         return self
 
     def __sklearn_is_fitted__(self) -> bool:
         return self._estimator is not None and self._estimator.count > 0
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's estimator tags: an unsupervised transformer (only scikit-learn calls
+        this, so it imports scikit-learn)."""
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
+
+        return Tags(
+            estimator_type=None,
+            target_tags=TargetTags(required=False),
+            transformer_tags=TransformerTags(preserves_dtype=["float64", "float32"]),
+            input_tags=InputTags(),
+        )
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -92,9 +107,13 @@ class Standardizer:
     def partial_fit(self, X: Array, y: object = None) -> Standardizer:
         """Fold the batch ``X`` (n_samples, n_features) into the statistics."""
         X = self._checked(X, "X")
-        estimator = self._estimator if self._estimator is not None else self._new_estimator()
+        params = self.get_params()
+        reuse = self._estimator is not None and self._built_with == params
+        estimator = (
+            self._estimator if reuse and self._estimator is not None else self._new_estimator()
+        )
         estimator.update(X, axis=0)
-        self._estimator = estimator
+        self._estimator, self._built_with = estimator, params
         self._publish(estimator)
         return self
 

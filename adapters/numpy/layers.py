@@ -68,7 +68,9 @@ class Linear:
         dtype: Any = np.float64,
     ) -> None:
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected a positive int, got {value!r}")
+            if value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         generator = np.random.default_rng(rng)
         bound = np.sqrt(6.0 / in_features)

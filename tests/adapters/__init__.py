@@ -1,0 +1,1 @@
+"""Tests of the adapters (``normstats.adapters``); mirrors ``adapters/``."""
