@@ -28,6 +28,9 @@ from normstats.moments import ShiftedMoments
 STATS_DTYPE = torch.float64
 """The strategy's accumulators, whatever the module's dtype."""
 
+POOL = ExactFullPass()
+"""The update rule that pools a calibration pass (its pure functions only; it holds no state)."""
+
 
 class StrategyState(nn.Module):
     """The strategy's state as float64 buffers (counters as 0-d tensors).
@@ -134,6 +137,7 @@ class BatchNorm(nn.Module):
         **stats_kwargs: Any,
     ) -> None:
         super().__init__()
+        self._calibration: State | None = None
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
@@ -192,6 +196,8 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if self._calibration is not None:
+            return self._calibrate(x)
         if not self.training and self.strategy is not None:
             self._check_calibrated()
             return F.batch_norm(
@@ -200,6 +206,12 @@ class BatchNorm(nn.Module):
         if self.strategy is None or isinstance(self.strategy, ExactFullPass) or x.shape[0] == 0:
             # batch statistics only: nothing is tracked (an empty batch changes nothing)
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        y, batch = self._normalize_with_batch_statistics(x)
+        self.fold_batch(batch)
+        return y
+
+    def _normalize_with_batch_statistics(self, x: Tensor) -> tuple[Tensor, ShiftedMoments]:
+        """Training-mode output and the batch's float64 moments, from one fused kernel call."""
         count = x.numel() // self.num_features
         if count <= 1:
             raise ValueError(
@@ -211,13 +223,14 @@ class BatchNorm(nn.Module):
         batch_var = torch.zeros(self.num_features, dtype=scratch, device=x.device)
         # momentum=1.0: the kernel writes the batch mean and unbiased variance into them
         y = F.batch_norm(x, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps)
-        self.fold_batch(batch_mean, batch_var, count)
-        return y
+        mean = batch_mean.detach().to(STATS_DTYPE)
+        m2 = batch_var.detach().to(STATS_DTYPE) * (count - 1)
+        return y, ShiftedMoments(count, None, mean, m2, finite=True)
 
     @torch.no_grad()
-    def fold_batch(self, batch_mean: Tensor, batch_var: Tensor, count: int) -> None:
-        """Fold a batch's mean and unbiased variance (``count`` values per channel) into the
-        strategy and the running buffers, masked on the device when not finite."""
+    def fold_batch(self, batch: ShiftedMoments) -> None:
+        """Fold a batch's float64 moments into the strategy and the running buffers, masked
+        on the device when not finite."""
         strategy, state = self.strategy, self.strategy_state
         running_mean, running_var = self.running_mean, self.running_var
         tracked, skipped = self.num_batches_tracked, self.num_batches_skipped
@@ -228,19 +241,64 @@ class BatchNorm(nn.Module):
         assert running_var is not None
         assert tracked is not None
         assert skipped is not None
-        mean = batch_mean.detach().to(STATS_DTYPE)
-        var = batch_var.detach().to(STATS_DTYPE)
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        finite = torch.isfinite(batch.delta).all() & torch.isfinite(batch.m2).all()
         if self.nan_policy == "raise" and not bool(finite):
             raise ValueError("x: expected finite values, got a training batch with NaN or Inf")
-        batch = ShiftedMoments(count, None, mean, var * (count - 1), finite=True)
         new = strategy.step(state.state(), batch)
         state.assign(new, finite)
-        estimate_mean, estimate_var = strategy.estimate(new)
-        running_mean.copy_(torch.where(finite, estimate_mean.to(running_mean.dtype), running_mean))
-        running_var.copy_(torch.where(finite, estimate_var.to(running_var.dtype), running_var))
+        self._set_running(new, finite)
         tracked.add_(finite.long())
         skipped.add_((~finite).long())
+
+    def _set_running(self, state: State, keep: Tensor | None = None) -> None:
+        """``running_mean``/``running_var`` := the strategy's estimate of ``state``."""
+        assert self.strategy is not None
+        assert self.running_mean is not None
+        assert self.running_var is not None
+        for buffer, value in zip(
+            (self.running_mean, self.running_var), self.strategy.estimate(state), strict=True
+        ):
+            value = value.to(buffer.dtype)
+            buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
+
+    # -- calibration (the exact full pass of recalibrate) -------------------------------
+
+    def start_calibration(self) -> None:
+        """From now on, forward normalizes with batch statistics and pools every input's
+        moments (in float64, on the device) instead of updating the strategy."""
+        template = torch.zeros(self.num_features, dtype=STATS_DTYPE, device=self._device())
+        self._calibration = POOL.initial_state(template)
+
+    def stop_calibration(self) -> State | None:
+        """End calibration; return the pooled state (None if nothing was seen)."""
+        pooled, self._calibration = self._calibration, None
+        return pooled if pooled is not None and pooled["num_batches"] else None
+
+    def load_calibration(self, pooled: State) -> None:
+        """Make ``pooled`` (from :meth:`stop_calibration`) the strategy's statistics."""
+        strategy, state = self.strategy, self.strategy_state
+        if strategy is None or state is None:
+            return
+        batch = ShiftedMoments(
+            pooled["count"], None, POOL.estimate(pooled)[0], pooled["m2"], finite=True
+        )
+        with torch.no_grad():
+            calibrated = strategy.calibrated_state(batch)
+            state.assign(calibrated)
+            self._set_running(calibrated)
+
+    def _calibrate(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 0:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        y, batch = self._normalize_with_batch_statistics(x)
+        assert self._calibration is not None
+        self._calibration = POOL.step(self._calibration, batch)
+        return y
+
+    def _device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
     def _check_input(self, x: Tensor) -> None:
         if not 2 <= x.dim() <= 5:

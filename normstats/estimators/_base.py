@@ -201,11 +201,14 @@ class Estimator:
                 "moments: expected the finite moments of at least 2 samples, got "
                 f"count={moments.count}" + ("" if batch is None else " with NaN or Inf")
             )
-        self._state = self._assigned(batch)
+        self._state = self.calibrated_state(batch)
         self._num_batches_skipped = 0
 
-    def _assigned(self, batch: ShiftedMoments) -> State:
-        """A state whose estimate is exactly ``batch``'s mean and unbiased variance."""
+    def calibrated_state(self, batch: ShiftedMoments) -> State:
+        """A state whose estimate is exactly ``batch``'s mean and unbiased variance.
+
+        Pure like :meth:`step`: how a calibration pass is written into any strategy.
+        """
         return self.step(self._first_state(batch), batch)
 
     def _as_batch(self, moments: Moments, min_count: int) -> ShiftedMoments | None:

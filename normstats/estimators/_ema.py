@@ -161,7 +161,7 @@ class ExponentialMovingAverage(Estimator):
         correction = 1.0 - (1.0 - self._momentum) ** state["num_batches"]
         return state["mean"] / correction, state["var"] / correction
 
-    def _assigned(self, batch: ShiftedMoments) -> State:
+    def calibrated_state(self, batch: ShiftedMoments) -> State:
         # The estimate after one batch must be the batch itself: the state of an average
         # whose only batch it was (scaled by the bias correction for t = 1).
         scale = self._momentum if self._debias else 1.0
