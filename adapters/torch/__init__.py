@@ -6,5 +6,6 @@ classes for export; ``recalibrate`` is the exact full pass after training.
 """
 
 from .batchnorm import BatchNorm, StrategyState
+from .convert import convert, revert
 
-__all__ = ["BatchNorm", "StrategyState"]
+__all__ = ["BatchNorm", "StrategyState", "convert", "revert"]

@@ -138,6 +138,10 @@ class BatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         self._calibration: State | None = None
+        self.source_class: type[nn.Module] | None = None
+        """The torch class this layer replaced (set by ``convert``; ``revert`` goes back to it)."""
+        self.input_rank: int | None = None
+        """Dimensions of the last input (``revert`` picks the torch class from it)."""
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
@@ -303,6 +307,7 @@ class BatchNorm(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if not 2 <= x.dim() <= 5:
             raise ValueError(f"x: expected 2D to 5D input (N, C, ...), got {x.dim()}D input")
+        self.input_rank = x.dim()
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"x: expected {self.num_features} channels (dimension 1), got {x.shape[1]} in "
