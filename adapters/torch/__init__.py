@@ -7,5 +7,6 @@ classes for export; ``recalibrate`` is the exact full pass after training.
 
 from .batchnorm import BatchNorm, StrategyState
 from .convert import convert, revert
+from .recalibrate import recalibrate
 
-__all__ = ["BatchNorm", "StrategyState", "convert", "revert"]
+__all__ = ["BatchNorm", "StrategyState", "convert", "recalibrate", "revert"]
