@@ -222,7 +222,8 @@ class BatchNorm(nn.Module):
                 f"Expected more than 1 value per channel when training, got input size "
                 f"{list(x.shape)}"
             )
-        scratch = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        # the kernel wants running buffers of the module's dtype (float32 under autocast)
+        scratch = self.running_mean.dtype if self.running_mean is not None else x.dtype
         batch_mean = torch.zeros(self.num_features, dtype=scratch, device=x.device)
         batch_var = torch.zeros(self.num_features, dtype=scratch, device=x.device)
         # momentum=1.0: the kernel writes the batch mean and unbiased variance into them
