@@ -127,6 +127,11 @@ def chan_merge(
     return delta * weight_b, m2_a + m2_b + delta * delta * (count_a * weight_b)
 
 
+def blend(old: Array, new: Array, weight: Array | float) -> Array:
+    """``old + (new - old) * weight``: a weighted average that moves ``old`` towards ``new``."""
+    return old + (new - old) * weight
+
+
 def _check_count(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"count: expected a non-negative int, got {value!r}")

@@ -1,15 +1,15 @@
 """What every strategy shares: batch validation, the NaN policy, counters and state dicts.
 
-A strategy subclasses :class:`Estimator` and says how a reduced batch changes its state
-(``_fold``), which template a batch is shifted by (``_template``) and which arrays make up
-its state. Validation happens before any state changes, so a rejected batch or state dict
-leaves the estimator exactly as it was.
+A strategy subclasses :class:`Estimator` and gives its update rule as pure functions of an
+explicit state (``initial_state``, ``step``, ``estimate``), which the class shell here holds,
+validates and serializes. Validation happens before any state changes, so a rejected batch or
+state dict leaves the estimator exactly as it was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import ClassVar, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import array_api_compat
 import attrs
@@ -29,6 +29,10 @@ from ..moments import Moments, ShiftedMoments, reduce_batch
 from ._protocol import RunningStats, StateValue
 
 E = TypeVar("E", bound="Estimator")
+
+State = dict[str, Any]
+"""An estimator's state: ``count`` and ``num_batches`` (ints, or 0-d arrays in a layer's
+device buffers) and the strategy's arrays."""
 
 
 class NoBatchError(ValueError, AttributeError):
@@ -60,41 +64,60 @@ class Estimator:
     _nan_policy: str = attrs.field(
         default="raise", kw_only=True, validator=check_nan_policy, alias="nan_policy"
     )
-    _count: int = attrs.field(default=0, init=False, repr=False)
-    _num_batches: int = attrs.field(default=0, init=False, repr=False)
+    _state: State | None = attrs.field(default=None, init=False, repr=False)
+    """``count``, ``num_batches`` and the arrays of ``array_keys``; None before any batch."""
     _num_batches_skipped: int = attrs.field(default=0, init=False, repr=False)
 
-    # -- what a strategy provides -------------------------------------------------------
+    # -- the functional core a strategy provides ---------------------------------------
+    #
+    # Pure functions of an explicit state: no validation, no branches on the data and no
+    # host synchronisation, so that a layer keeping the state in device buffers (where
+    # counters are 0-d tensors) runs the very same update rule.
 
-    def _state_template(self) -> Array | None:
-        """A state array (its feature shape, namespace and device), or None before any batch."""
+    def initial_state(self, template: Array) -> State:
+        """The state before any batch, allocated like ``template`` (shape, namespace, device)."""
         raise NotImplementedError
 
-    def _fold(self, batch: ShiftedMoments) -> None:
-        """Fold a validated batch in (counters are updated by the caller)."""
+    def step(self, state: State, batch: ShiftedMoments) -> State:
+        """The state after folding in ``batch`` (``count`` and ``num_batches`` included)."""
         raise NotImplementedError
 
-    def _arrays(self) -> dict[str, Array | float]:
-        """The state arrays by name (numbers before the first batch)."""
+    def estimate(self, state: State) -> tuple[Array, Array]:
+        """``(mean, unbiased var)`` of a state that has seen a batch."""
         raise NotImplementedError
 
-    def _set_arrays(self, arrays: dict[str, Array] | None) -> None:
-        """Replace the state arrays; ``None`` restores the state before the first batch."""
-        raise NotImplementedError
+    def resumed_state(self, template: Array, mean: Array, var: Array, num_batches: Any) -> State:
+        """The state that continues from a framework layer's running statistics.
+
+        ``mean``, ``var`` and ``num_batches`` are what ``torch.nn.BatchNorm*d`` keeps
+        (``running_mean``, ``running_var``, ``num_batches_tracked``). Strategies that are an
+        average of batch statistics (EMA, cumulative) carry on from them exactly as PyTorch
+        would; a pool of samples cannot be resumed without its sample count, so the pooled
+        strategies start empty.
+        """
+        return self.initial_state(template)
+
+    def _first_state(self, batch: ShiftedMoments) -> State:
+        """The state a first batch is folded into (a strategy may pick an origin from it)."""
+        return self.initial_state(batch.m2)
 
     @property
     def mean(self) -> Array | float:
         """Current estimate of the population mean (each strategy says how)."""
-        raise NotImplementedError
+        return self.estimate(self._filled_state("mean"))[0]
 
     @property
     def var(self) -> Array | float:
         """Current estimate of the population variance, unbiased (each strategy says how)."""
-        raise NotImplementedError
+        return self.estimate(self._filled_state("var"))[1]
 
-    def merge(self, other: RunningStats) -> None:
-        """Fold in another estimator's stream (each strategy says whether it can)."""
-        raise NotImplementedError
+    def _filled_state(self, name: str) -> State:
+        if self._state is None:
+            raise NoBatchError(f"{name}: no batch seen yet; {self._unfilled_hint()}")
+        return self._state
+
+    def _unfilled_hint(self) -> str:
+        return "call update() first"
 
     def _hyperparameters(self) -> dict[str, int | float | bool]:
         """Settings that a loaded state must agree with."""
@@ -115,12 +138,12 @@ class Estimator:
     @property
     def count(self) -> int:
         """Samples folded in (per feature)."""
-        return self._count
+        return 0 if self._state is None else int(self._state["count"])
 
     @property
     def num_batches(self) -> int:
         """Batches folded in."""
-        return self._num_batches
+        return 0 if self._state is None else int(self._state["num_batches"])
 
     @property
     def num_batches_skipped(self) -> int:
@@ -178,13 +201,15 @@ class Estimator:
                 "moments: expected the finite moments of at least 2 samples, got "
                 f"count={moments.count}" + ("" if batch is None else " with NaN or Inf")
             )
-        self.reset()
-        self._assign(batch)
-        self._count, self._num_batches = batch.count, 1
+        self._state = self.calibrated_state(batch)
+        self._num_batches_skipped = 0
 
-    def _assign(self, batch: ShiftedMoments) -> None:
-        """Make ``batch`` the whole state of a freshly reset estimator."""
-        self._fold(batch)
+    def calibrated_state(self, batch: ShiftedMoments) -> State:
+        """A state whose estimate is exactly ``batch``'s mean and unbiased variance.
+
+        Pure like :meth:`step`: how a calibration pass is written into any strategy.
+        """
+        return self.step(self._first_state(batch), batch)
 
     def _as_batch(self, moments: Moments, min_count: int) -> ShiftedMoments | None:
         """Validated float64 ``moments`` as a batch, or None when ``count`` is 0."""
@@ -206,8 +231,8 @@ class Estimator:
 
     def reset(self) -> None:
         """Forget every batch; hyperparameters and ``nan_policy`` stay."""
-        self._count = self._num_batches = self._num_batches_skipped = 0
-        self._set_arrays(None)
+        self._state = None
+        self._num_batches_skipped = 0
 
     def state_dict(self) -> dict[str, StateValue]:
         """A flat dict of numbers and arrays, keys prefixed by the strategy name.
@@ -217,11 +242,18 @@ class Estimator:
         """
         prefix = self.name + "."
         state: dict[str, StateValue] = {prefix + k: v for k, v in self._hyperparameters().items()}
-        state[prefix + "count"] = self._count
-        state[prefix + "num_batches"] = self._num_batches
+        state[prefix + "count"] = self.count
+        state[prefix + "num_batches"] = self.num_batches
         state[prefix + "num_batches_skipped"] = self._num_batches_skipped
-        state.update({prefix + k: v for k, v in self._arrays().items()})
+        if self._state is None:
+            state.update({prefix + k: v for k, v in self._placeholders().items()})
+        else:
+            state.update({prefix + k: self._state[k] for k in self.array_keys})
         return state
+
+    def _placeholders(self) -> dict[str, float]:
+        """What ``state_dict`` holds for the arrays before the first batch."""
+        return dict.fromkeys(self.array_keys, 0.0)
 
     def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
         """Restore a :meth:`state_dict` of the same strategy and settings.
@@ -261,23 +293,25 @@ class Estimator:
                 f"positive, got {counters['count']} and {counters['num_batches']}"
             )
         values = {k: state_dict[prefix + k] for k in self.array_keys}
+        state: State | None = None
         if counters["count"] > 0:
             arrays = _load_arrays(values, prefix)
+            state = {"count": counters["count"], "num_batches": counters["num_batches"], **arrays}
         else:  # before the first batch the arrays are placeholder numbers
             for key, placeholder in values.items():
                 as_real(f"state_dict[{prefix + key!r}]", placeholder)
-            arrays = None
-        self._set_arrays(arrays)
-        self._count = counters["count"]
-        self._num_batches = counters["num_batches"]
+        self._state = state
         self._num_batches_skipped = counters["num_batches_skipped"]
 
     # -- shared machinery -----------------------------------------------------------
 
     def _commit(self, batch: ShiftedMoments) -> None:
-        self._fold(batch)
-        self._count += batch.count
-        self._num_batches += 1
+        state = self._state if self._state is not None else self._first_state(batch)
+        self._state = self.step(state, batch)
+
+    def _state_template(self) -> Array | None:
+        """A state array (its feature shape, namespace and device), or None before any batch."""
+        return None if self._state is None else self._state[self.array_keys[-1]]
 
     def _check_batch(self, x: Array, feature_shape: tuple[int, ...], count: int, name: str) -> None:
         """Sample count, feature shape, array type and device of a batch (or its ``mean``)."""
@@ -323,10 +357,25 @@ class Estimator:
             )
         return other
 
-    def _merge_counters(self, other: Estimator) -> None:
-        self._count += other._count
-        self._num_batches += other._num_batches
-        self._num_batches_skipped += other._num_batches_skipped
+    def merge(self, other: RunningStats) -> None:
+        """Fold in another estimator's stream (each strategy says whether it can)."""
+        theirs = self._check_mergeable(other)
+        if theirs._state is not None:
+            mine = self._state
+            self._state = (
+                dict(theirs._state)
+                if mine is None
+                else {
+                    "count": mine["count"] + theirs._state["count"],
+                    "num_batches": mine["num_batches"] + theirs._state["num_batches"],
+                    **self._merge_arrays(mine, theirs._state),
+                }
+            )
+        self._num_batches_skipped += theirs._num_batches_skipped
+
+    def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
+        """The arrays of the union of two filled states."""
+        raise NotImplementedError
 
 
 NON_NEGATIVE = frozenset({"m2", "var"})

@@ -2,14 +2,13 @@ r"""The cumulative average: every batch's statistics weighted equally."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
 from .._typing import Array
-from ..moments import ShiftedMoments
-from ._base import Estimator, NoBatchError
-from ._protocol import RunningStats
+from ..moments import ShiftedMoments, blend
+from ._base import Estimator, State
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
@@ -50,51 +49,28 @@ class CumulativeAverage(Estimator):
     min_batch_count: ClassVar[int] = 2
     array_keys: ClassVar[tuple[str, ...]] = ("mean", "var")
 
-    _mean: Array = attrs.field(default=None, init=False, repr=False)
-    _var: Array = attrs.field(default=None, init=False, repr=False)
+    def initial_state(self, template: Array) -> State:
+        return {"count": 0, "num_batches": 0, "mean": template * 0.0, "var": template * 0.0}
 
-    @property
-    def mean(self) -> Array:
-        """Average of the batch means."""
-        if self._mean is None:
-            raise NoBatchError("mean: no batch seen yet; call update() first")
-        return self._mean
+    def resumed_state(self, template: Array, mean: Array, var: Array, num_batches: Any) -> State:
+        zeros = template * 0.0
+        return {"count": 0, "num_batches": num_batches, "mean": zeros + mean, "var": zeros + var}
 
-    @property
-    def var(self) -> Array:
-        """Average of the unbiased batch variances."""
-        if self._var is None:
-            raise NoBatchError("var: no batch seen yet; call update() first")
-        return self._var
+    def step(self, state: State, batch: ShiftedMoments) -> State:
+        weight = 1.0 / (state["num_batches"] + 1)
+        return {
+            "count": state["count"] + batch.count,
+            "num_batches": state["num_batches"] + 1,
+            "mean": blend(state["mean"], batch.mean, weight),
+            "var": blend(state["var"], batch.m2 / (batch.count - 1), weight),
+        }
 
-    def merge(self, other: RunningStats) -> None:
-        """Fold in ``other``'s batches, weighting each average by its number of batches."""
-        theirs = self._check_mergeable(other)
-        if theirs._mean is not None:
-            if self._mean is None:
-                self._mean, self._var = theirs._mean, theirs._var
-            else:
-                weight = theirs._num_batches / (self._num_batches + theirs._num_batches)
-                self._mean = self._mean + (theirs._mean - self._mean) * weight
-                self._var = self._var + (theirs._var - self._var) * weight
-        self._merge_counters(theirs)
+    def estimate(self, state: State) -> tuple[Array, Array]:
+        return state["mean"], state["var"]
 
-    def _state_template(self) -> Array | None:
-        return self._mean
-
-    def _fold(self, batch: ShiftedMoments) -> None:
-        batch_var = batch.m2 / (batch.count - 1)
-        if self._mean is None:
-            self._mean, self._var = batch.mean, batch_var
-            return
-        weight = 1.0 / (self._num_batches + 1)
-        self._mean = self._mean + (batch.mean - self._mean) * weight
-        self._var = self._var + (batch_var - self._var) * weight
-
-    def _arrays(self) -> dict[str, Array | float]:
-        if self._mean is None:
-            return {"mean": 0.0, "var": 0.0}
-        return {"mean": self._mean, "var": self._var}
-
-    def _set_arrays(self, arrays: dict[str, Array] | None) -> None:
-        self._mean, self._var = (None, None) if arrays is None else (arrays["mean"], arrays["var"])
+    def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
+        weight = theirs["num_batches"] / (mine["num_batches"] + theirs["num_batches"])
+        return {
+            "mean": blend(mine["mean"], theirs["mean"], weight),
+            "var": blend(mine["var"], theirs["var"], weight),
+        }

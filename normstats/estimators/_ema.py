@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import array_api_compat
 import attrs
 
 from .._typing import Array
 from .._validation import check_unit_interval
-from ..moments import ShiftedMoments
-from ._base import Estimator, NoBatchError
+from ..moments import ShiftedMoments, blend
+from ._base import Estimator, State
 from ._protocol import RunningStats
 
 
@@ -98,12 +97,16 @@ class ExponentialMovingAverage(Estimator):
     @property
     def mean(self) -> Array | float:
         """Moving average of batch means (0.0 before the first batch unless debiased)."""
-        return self._estimate(self._mean, "mean", before_first=0.0)
+        if self._state is None and not self._debias:
+            return 0.0
+        return self.estimate(self._filled_state("mean"))[0]
 
     @property
     def var(self) -> Array | float:
         """Moving average of unbiased batch variances (1.0 before the first batch)."""
-        return self._estimate(self._var, "var", before_first=1.0)
+        if self._state is None and not self._debias:
+            return 1.0
+        return self.estimate(self._filled_state("var"))[1]
 
     def merge(self, other: RunningStats) -> None:
         """Not available: refuses with ``TypeError``.
@@ -119,46 +122,58 @@ class ExponentialMovingAverage(Estimator):
     def _hyperparameters(self) -> dict[str, int | float | bool]:
         return {"momentum": self.momentum, "debias": self.debias}
 
-    def _bias_correction(self) -> float:
-        return 1.0 - (1.0 - self.momentum) ** self._num_batches if self.debias else 1.0
+    def _unfilled_hint(self) -> str:
+        return "a debiased EMA needs one first"
 
-    def _estimate(self, value: Array | None, name: str, before_first: float) -> Array | float:
-        if value is None:
-            if self.debias:
-                raise NoBatchError(f"{name}: no batch seen yet; a debiased EMA needs one first")
-            return before_first
-        return value / self._bias_correction() if self.debias else value
+    # -- functional core ---------------------------------------------------------------
 
-    def _state_template(self) -> Array | None:
-        return self._mean
+    def initial_state(self, template: Array) -> State:
+        # PyTorch starts at mean 0, variance 1; the debiased average starts at zero.
+        return {
+            "count": 0,
+            "num_batches": 0,
+            "mean": template * 0.0,
+            "var": template * 0.0 + (0.0 if self._debias else 1.0),
+        }
 
-    def _fold(self, batch: ShiftedMoments) -> None:
-        m = self.momentum
-        batch_var = batch.m2 / (batch.count - 1)
-        if self._mean is None:
-            xp = array_api_compat.array_namespace(batch.m2)
-            mean = xp.zeros_like(batch.m2)
-            var = mean if self.debias else xp.ones_like(batch.m2)
-            self._mean = mean + batch.mean * m
-            self._var = var + (batch_var - var) * m
-            return
-        self._mean = self._mean + (batch.mean - self._mean) * m
-        self._var = self._var + (batch_var - self._var) * m
+    def resumed_state(self, template: Array, mean: Array, var: Array, num_batches: Any) -> State:
+        zeros = template * 0.0
+        scale = 1.0 - (1.0 - self._momentum) ** num_batches if self._debias else 1.0
+        return {
+            "count": 0,
+            "num_batches": num_batches,
+            "mean": zeros + mean * scale,
+            "var": zeros + var * scale,
+        }
 
-    def _assign(self, batch: ShiftedMoments) -> None:
-        # The estimate after one batch must be the batch itself: store it as the state of
-        # an average whose only batch it was (scaled by the bias correction for t = 1).
+    def step(self, state: State, batch: ShiftedMoments) -> State:
+        m = self._momentum
+        return {
+            "count": state["count"] + batch.count,
+            "num_batches": state["num_batches"] + 1,
+            "mean": blend(state["mean"], batch.mean, m),
+            "var": blend(state["var"], batch.m2 / (batch.count - 1), m),
+        }
+
+    def estimate(self, state: State) -> tuple[Array, Array]:
+        if not self._debias:
+            return state["mean"], state["var"]
+        correction = 1.0 - (1.0 - self._momentum) ** state["num_batches"]
+        return state["mean"] / correction, state["var"] / correction
+
+    def calibrated_state(self, batch: ShiftedMoments) -> State:
+        # The estimate after one batch must be the batch itself: the state of an average
+        # whose only batch it was (scaled by the bias correction for t = 1).
         scale = self._momentum if self._debias else 1.0
-        self._mean = batch.mean * scale
-        self._var = batch.m2 / (batch.count - 1) * scale
+        return {
+            "count": batch.count,
+            "num_batches": 1,
+            "mean": batch.mean * scale,
+            "var": batch.m2 / (batch.count - 1) * scale,
+        }
 
-    def _arrays(self) -> dict[str, Array | float]:
-        if self._mean is None:
-            return {"mean": 0.0, "var": 0.0 if self.debias else 1.0}
-        return {"mean": self._mean, "var": self._var}
-
-    def _set_arrays(self, arrays: dict[str, Array] | None) -> None:
-        self._mean, self._var = (None, None) if arrays is None else (arrays["mean"], arrays["var"])
+    def _placeholders(self) -> dict[str, float]:
+        return {"mean": 0.0, "var": 0.0 if self._debias else 1.0}
 
 
 EMA = ExponentialMovingAverage

@@ -14,101 +14,92 @@ import attrs
 
 from .._typing import Array
 from ..moments import Moments, ShiftedMoments, chan_merge
-from ._base import Estimator, NoBatchError
-from ._protocol import RunningStats
+from ._base import Estimator, State
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
 class PooledEstimator(Estimator):
     """Shared state and math of :class:`Welford` and :class:`ExactFullPass`.
 
-    The running mean is kept as ``origin + offset``: ``origin`` is the first batch's mean and
-    never changes, ``offset`` takes every update. For data far from zero (1e8 + N(0, 1)) the
-    offset is small, so it is known to a tiny fraction of one float64 ulp of the mean, and
-    Chan's ``delta`` (batch mean minus running mean) keeps every digit over any number of
-    batches; elsewhere it is as accurate as a plain float64 mean.
+    The state is ``count``, ``m2`` and the running mean kept as ``mean_origin +
+    mean_offset``: the origin is the first batch's mean and never changes, the offset takes
+    every update. For data far from zero (1e8 + N(0, 1)) the offset is small, so it is known
+    to a tiny fraction of one float64 ulp of the mean, and Chan's ``delta`` (batch mean minus
+    running mean) keeps every digit over any number of batches; elsewhere it is as accurate
+    as a plain float64 mean.
     """
 
     array_keys: ClassVar[tuple[str, ...]] = ("mean_origin", "mean_offset", "m2")
 
-    # State arrays of the feature shape; None before the first batch.
-    _origin: Array = attrs.field(default=None, init=False, repr=False)
-    _offset: Array = attrs.field(default=None, init=False, repr=False)
-    _m2: Array = attrs.field(default=None, init=False, repr=False)
-
     @property
     def mean(self) -> Array:
         """Mean of every sample folded in."""
-        return self._filled_moments("mean").mean
+        state = self._filled_state("mean")
+        return state["mean_origin"] + state["mean_offset"]
 
     @property
     def var(self) -> Array:
         """Unbiased (``ddof=1``) variance of every sample folded in."""
-        moments = self._filled_moments("var")
-        if moments.count < 2:
+        state = self._filled_state("var")
+        if state["count"] < 2:
             raise ValueError(
-                f"var: the unbiased variance needs at least 2 samples, got {moments.count}"
+                f"var: the unbiased variance needs at least 2 samples, got {state['count']}"
             )
-        return moments.var(ddof=1)
+        return self.estimate(state)[1]
 
     @property
     def moments(self) -> Moments:
         """Count, mean and M2 of every sample folded in."""
-        return self._filled_moments("moments")
+        state = self._filled_state("moments")
+        return Moments(state["count"], state["mean_origin"] + state["mean_offset"], state["m2"])
 
-    def _filled_moments(self, name: str) -> Moments:
-        if self._origin is None:
-            raise NoBatchError(f"{name}: no batch seen yet; {self._unfilled_hint()}")
-        return Moments(self._count, self._origin + self._offset, self._m2)
+    # -- functional core ---------------------------------------------------------------
 
-    def merge(self, other: RunningStats) -> None:
-        """Fold in ``other``'s samples: equal to having seen both streams (exact)."""
-        theirs = self._check_mergeable(other)
-        if theirs._origin is not None:
-            if self._origin is None:
-                self._origin, self._offset, self._m2 = theirs._origin, theirs._offset, theirs._m2
-            else:
-                delta = (theirs._origin - self._origin) + (theirs._offset - self._offset)
-                self._merge_in(theirs._count, delta, theirs._m2)
-        self._merge_counters(theirs)
+    def initial_state(self, template: Array) -> State:
+        return {
+            "count": 0,
+            "num_batches": 0,
+            "mean_origin": template * 0.0,
+            "mean_offset": template * 0.0,
+            "m2": template * 0.0,
+        }
 
-    def _unfilled_hint(self) -> str:
-        return "call update() first"
+    def _first_state(self, batch: ShiftedMoments) -> State:
+        # The first batch's mean becomes the origin, so later offsets are small.
+        state = self.initial_state(batch.m2)
+        state["mean_origin"] = batch.delta if batch.shift is None else batch.shift
+        return state
 
-    def _state_template(self) -> Array | None:
-        return self._m2
-
-    def _fold(self, batch: ShiftedMoments) -> None:
-        if self._origin is None:
-            if batch.shift is None:  # reduced around zero: the mean is delta
-                self._origin, self._offset = batch.delta, batch.delta * 0.0
-            else:
-                self._origin, self._offset = batch.shift, batch.delta
-            self._m2 = batch.m2
-            return
+    def step(self, state: State, batch: ShiftedMoments) -> State:
+        origin, offset = state["mean_origin"], state["mean_offset"]
         # With offset data batch.shift and origin are close float64 values, so their
         # difference is exact, and delta is exact up to the batch's own rounding.
         if batch.shift is None:  # reduced around zero
-            delta = batch.delta - self._origin
+            delta = batch.delta - origin - offset
         else:
-            delta = (batch.shift - self._origin) + batch.delta
-        delta -= self._offset
-        self._merge_in(batch.count, delta, batch.m2)
+            delta = (batch.shift - origin) + batch.delta - offset
+        step, m2 = chan_merge(state["count"], state["m2"], batch.count, delta, batch.m2)
+        return {
+            "count": state["count"] + batch.count,
+            "num_batches": state["num_batches"] + 1,
+            "mean_origin": origin,
+            "mean_offset": offset + step,
+            "m2": m2,
+        }
 
-    def _merge_in(self, count: int, delta: Array, m2: Array) -> None:
-        step, self._m2 = chan_merge(self._count, self._m2, count, delta, m2)
-        self._offset = self._offset + step
+    def estimate(self, state: State) -> tuple[Array, Array]:
+        return state["mean_origin"] + state["mean_offset"], state["m2"] / (state["count"] - 1)
 
-    def _arrays(self) -> dict[str, Array | float]:
-        if self._origin is None:
-            return dict.fromkeys(self.array_keys, 0.0)
-        return {"mean_origin": self._origin, "mean_offset": self._offset, "m2": self._m2}
-
-    def _set_arrays(self, arrays: dict[str, Array] | None) -> None:
-        if arrays is None:
-            self._origin = self._offset = self._m2 = None
-        else:
-            self._origin, self._offset, self._m2 = (arrays[k] for k in self.array_keys)
+    def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
+        delta = (theirs["mean_origin"] - mine["mean_origin"]) + (
+            theirs["mean_offset"] - mine["mean_offset"]
+        )
+        step, m2 = chan_merge(mine["count"], mine["m2"], theirs["count"], delta, theirs["m2"])
+        return {
+            "mean_origin": mine["mean_origin"],
+            "mean_offset": mine["mean_offset"] + step,
+            "m2": m2,
+        }
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)

@@ -1,0 +1,12 @@
+"""PyTorch models with pluggable BatchNorm statistics (``normstats.adapters.torch``).
+
+``BatchNorm`` is a drop-in ``nn.Module`` whose population statistics are a strategy;
+``convert`` swaps every BatchNorm of a model for it and ``revert`` goes back to torch's
+classes for export; ``recalibrate`` is the exact full pass after training.
+"""
+
+from .batchnorm import BatchNorm, StrategyState
+from .convert import convert, revert
+from .recalibrate import recalibrate
+
+__all__ = ["BatchNorm", "StrategyState", "convert", "recalibrate", "revert"]
