@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from normstats import ExactFullPass, RunningStats, make_stats
 from normstats.estimators import STRATEGIES
 from normstats.estimators._base import Estimator, State
-from normstats.moments import ShiftedMoments
+from normstats.moments import ShiftedMoments, chan_merge
+
+from . import distributed
 
 STATS_DTYPE = torch.float64
 """The strategy's accumulators, whatever the module's dtype."""
@@ -199,6 +201,10 @@ class BatchNorm(nn.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.sync and self._calibration is None:
+            group = self.process_group if self.process_group is not None else _world()
+            if distributed.active(group):
+                return self._forward_synchronized(x, group)
         self._check_input(x)
         if self._calibration is not None:
             return self._calibrate(x)
@@ -212,6 +218,64 @@ class BatchNorm(nn.Module):
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         y, batch = self._normalize_with_batch_statistics(x)
         self.fold_batch(batch)
+        return y
+
+    def _forward_synchronized(self, x: Tensor, group: Any) -> Tensor:
+        """Training with the batch statistics of every rank together (as SyncBatchNorm).
+
+        Every rank first shares its input's rank, channels and sample count, so a mismatch
+        raises the same error everywhere instead of hanging a collective. Each rank's
+        (mean, M2) then travel through a differentiable all-gather and are merged with
+        Chan's formula in rank order, so every rank normalizes with the statistics of the
+        concatenated batch and gradients flow through them to every rank's input; the merged
+        moments are folded into each rank's strategy, which stay identical.
+        """
+        shapes = distributed.gather_rows(
+            torch.tensor([x.dim(), x.shape[1] if x.dim() > 1 else 0, x.numel()], device=x.device),
+            group,
+        ).tolist()
+        if any(shape[:2] != [shapes[0][0], self.num_features] for shape in shapes):
+            listed = ", ".join(
+                f"rank {r}: {d}D, {c} channels" for r, (d, c, _) in enumerate(shapes)
+            )
+            raise ValueError(
+                f"x: expected {self.num_features} channels and one input rank on every rank, "
+                f"got {listed}"
+            )
+        self._check_input(x)
+        counts = [numel // self.num_features for _, _, numel in shapes]
+        total = sum(counts)
+        if total <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {total} over all ranks"
+            )
+        dims = [d for d in range(x.dim()) if d != 1]
+        if x.shape[0]:
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            local = torch.cat([mean, var * (x.numel() // self.num_features)])
+        else:  # an empty rank still takes part, with count 0
+            local = x.new_zeros(2 * self.num_features) + x.sum() * 0
+        rows = distributed.gather_differentiable(local, group)
+        mean, m2, count = rows[0][: self.num_features], rows[0][self.num_features :], counts[0]
+        for row, n in zip(rows[1:], counts[1:], strict=True):
+            if n == 0:
+                continue
+            if count == 0:
+                mean, m2, count = row[: self.num_features], row[self.num_features :], n
+                continue
+            step, m2 = chan_merge(
+                count, m2, n, row[: self.num_features] - mean, row[self.num_features :]
+            )
+            mean, count = mean + step, count + n
+        shape = [1, self.num_features] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(m2 / total + self.eps).view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        if self.strategy is not None and not isinstance(self.strategy, ExactFullPass):
+            moments = (mean.detach().to(STATS_DTYPE), m2.detach().to(STATS_DTYPE))
+            self.fold_batch(ShiftedMoments(total, None, *moments, finite=True))
         return y
 
     def _normalize_with_batch_statistics(self, x: Tensor) -> tuple[Tensor, ShiftedMoments]:
@@ -361,6 +425,10 @@ class BatchNorm(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def _world() -> Any:
+    return torch.distributed.group.WORLD if torch.distributed.is_available() else None
 
 
 def _build_strategy(

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from normstats.estimators._base import State
 
+from . import distributed
 from .batchnorm import BatchNorm
 
 
@@ -43,6 +44,7 @@ def recalibrate(
     layerwise: bool = False,
     max_batches: int | None = None,
     progress: bool = False,
+    sync: bool = True,
 ) -> nn.Module:
     """Replace every normstats BatchNorm's statistics by the exact ones over ``data``.
 
@@ -52,6 +54,11 @@ def recalibrate(
     a progress bar (tqdm). Every strategy is reset and refilled: afterwards each layer's
     ``running_mean`` / ``running_var`` are the pooled mean and unbiased variance of its
     input. Layers with ``stats="batch"`` keep none and are left alone. Returns ``model``.
+
+    When ``torch.distributed`` is initialized (and ``sync`` is True) each layer's pool is
+    merged across the ranks of the world before it is written, so a dataset sharded over
+    the ranks gives every rank the statistics of one process over the whole dataset; a
+    rank with no data still takes part.
     """
     if layerwise and iter(data) is data:
         raise TypeError(
@@ -61,15 +68,16 @@ def recalibrate(
     if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
         raise ValueError(f"max_batches: expected a positive int or None, got {max_batches!r}")
     layers = [m for m in model.modules() if isinstance(m, BatchNorm) and m.strategy is not None]
+    shared = sync and distributed.active()
     modes = [(module, module.training) for module in model.modules()]
     saved = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in layers]
     try:
         model.eval()
         with torch.no_grad():
             if layerwise:
-                _layer_by_layer(model, layers, data, max_batches, progress)
+                _layer_by_layer(model, layers, data, max_batches, progress, shared)
             else:
-                _one_pass(model, layers, data, max_batches, progress)
+                _one_pass(model, layers, data, max_batches, progress, shared)
     except BaseException:
         for layer, state in zip(layers, saved, strict=True):
             layer.stop_calibration()
@@ -87,12 +95,13 @@ def _one_pass(
     data: Iterable[Any],
     max_batches: int | None,
     progress: bool,
+    shared: bool,
 ) -> None:
     for layer in layers:
         layer.start_calibration()
     for inputs in _batches(data, max_batches, progress, "recalibrate"):
         model(inputs)
-    pooled = [layer.stop_calibration() for layer in layers]
+    pooled = [_merged(layer.stop_calibration(), layer, shared) for layer in layers]
     for layer, state in zip(layers, pooled, strict=True):
         layer.load_calibration(_reached(state, layer))
 
@@ -103,6 +112,7 @@ def _layer_by_layer(
     data: Iterable[Any],
     max_batches: int | None,
     progress: bool,
+    shared: bool,
 ) -> None:
     """Calibrate the first uncalibrated layer the forward reaches, then the next, ..."""
     remaining = set(layers)
@@ -126,17 +136,46 @@ def _layer_by_layer(
             for inputs in _batches(data, max_batches, progress, label):
                 with contextlib.suppress(_StopForwardError):
                     model(inputs)
-            if not target:
+            layer = _agreed_target(target, layers, shared)
+            if layer is None:
                 raise ValueError(
                     f"data: the forward never reached {len(remaining)} BatchNorm layer(s); "
                     "expected every layer to be used by the model"
                 )
-            layer = target[0]
-            layer.load_calibration(_reached(layer.stop_calibration(), layer))
+            pooled = layer.stop_calibration() if target else None
+            layer.load_calibration(_reached(_merged(pooled, layer, shared), layer))
             remaining.discard(layer)
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _merged(pooled: State | None, layer: BatchNorm, shared: bool) -> State | None:
+    """A layer's pooled calibration state, merged with the other ranks' when ``shared``."""
+    if not shared:
+        return pooled
+    return distributed.merge_pooled(pooled, layer.num_features, layer._device())
+
+
+def _agreed_target(
+    target: list[BatchNorm], layers: list[BatchNorm], shared: bool
+) -> BatchNorm | None:
+    """The layer this layerwise pass calibrated; ranks without data learn it from the others."""
+    if not shared:
+        return target[0] if target else None
+    mine = layers.index(target[0]) if target else -1
+    device = layers[0]._device()
+    chosen = {
+        int(i)
+        for i in distributed.gather_rows(torch.tensor([mine], device=device))[:, 0].tolist()
+        if i >= 0
+    }
+    if len(chosen) > 1:
+        raise ValueError(
+            f"model: the ranks reached different BatchNorm layers first ({sorted(chosen)}); "
+            "expected the same model on every rank"
+        )
+    return layers[chosen.pop()] if chosen else None
 
 
 def _hooks(layer: BatchNorm, enter: Any, leave: Any) -> list[Any]:

@@ -1,0 +1,167 @@
+"""Statistics across processes (``torch.distributed``): one process's numbers from many.
+
+Every merge here is the count-weighted Chan merge of :mod:`normstats.moments`, in rank
+order, so all ranks end with identical statistics, equal to those of one process over the
+concatenated data. Ranks with no data take part with count 0 (nothing hangs), and feature
+shapes that differ across ranks raise an error naming each rank's shape on every rank. The
+collectives are the process group's own, so its timeout applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from normstats import ExponentialMovingAverage, RunningStats
+from normstats.estimators._base import Estimator, State
+from normstats.moments import chan_merge
+
+STATS_DTYPE = torch.float64
+
+
+def active(group: Any = None) -> bool:
+    """Whether ``torch.distributed`` is initialized with more than one rank in ``group``."""
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size(group if group is not None else dist.group.WORLD) > 1
+    )
+
+
+def gather_rows(row: Tensor, group: Any = None) -> Tensor:
+    """Every rank's ``row`` (same shape on all ranks), stacked in rank order."""
+    world = dist.get_world_size(group)
+    rows = [torch.empty_like(row) for _ in range(world)]
+    dist.all_gather(rows, row.contiguous(), group=group)
+    return torch.stack(rows)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient of the gathered rows and hands
+    each rank the part for its own row: the gradient of the sum of all ranks' losses."""
+
+    @staticmethod
+    def forward(ctx: Any, row: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        return gather_rows(row, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total[ctx.rank], None
+
+
+def gather_differentiable(row: Tensor, group: Any = None) -> Tensor:
+    """Every rank's ``row`` stacked in rank order; gradients flow back to each rank's row."""
+    gathered: Tensor = _GatherRows.apply(row, group)  # type: ignore[no-untyped-call]
+    return gathered
+
+
+def gather_feature_counts(
+    num_features: int, count: int, device: Any, name: str, group: Any = None
+) -> list[int]:
+    """Each rank's sample count; raises on every rank if the feature sizes differ."""
+    rows = gather_rows(torch.tensor([num_features, count], dtype=torch.long, device=device), group)
+    features, counts = rows[:, 0].tolist(), rows[:, 1].tolist()
+    if len(set(features)) > 1:
+        shapes = ", ".join(f"rank {rank}: {size}" for rank, size in enumerate(features))
+        raise ValueError(
+            f"{name}: expected the same number of features (channels) on every rank, got {shapes}"
+        )
+    return [int(c) for c in counts]
+
+
+def merge_pooled(
+    pooled: State | None, num_features: int, device: Any, group: Any = None
+) -> State | None:
+    """Merge a pooled calibration state (count, mean, m2) across ranks; None if empty everywhere.
+
+    A rank that saw no data passes ``None`` and still takes part.
+    """
+    row = torch.zeros(1 + 2 * num_features, dtype=STATS_DTYPE, device=device)
+    if pooled is not None:
+        row[0] = pooled["count"]
+        row[1 : 1 + num_features] = pooled["mean_origin"] + pooled["mean_offset"]
+        row[1 + num_features :] = pooled["m2"]
+    rows = gather_rows(row, group)
+    counts = rows[:, 0].tolist()
+    merged: State | None = None
+    for rank, count in enumerate(counts):
+        if count == 0:
+            continue
+        mean, m2 = rows[rank, 1 : 1 + num_features], rows[rank, 1 + num_features :]
+        if merged is None:
+            merged = {"count": count, "mean": mean, "m2": m2}
+            continue
+        step, merged_m2 = chan_merge(
+            merged["count"], merged["m2"], count, mean - merged["mean"], m2
+        )
+        merged = {"count": merged["count"] + count, "mean": merged["mean"] + step, "m2": merged_m2}
+    if merged is None:
+        return None
+    zeros = merged["mean"] * 0.0
+    return {
+        "count": merged["count"],
+        "num_batches": len([c for c in counts if c]),
+        "mean_origin": merged["mean"],
+        "mean_offset": zeros,
+        "m2": merged["m2"],
+    }
+
+
+def all_reduce_stats(stats: RunningStats, group: Any = None) -> RunningStats:
+    """Merge an estimator's state across the ranks of ``group``, in place, on every rank.
+
+    For :class:`~normstats.Welford`, :class:`~normstats.ExactFullPass` and
+    :class:`~normstats.CumulativeAverage`: afterwards every rank holds the statistics of all
+    ranks' streams together, exactly those of one estimator fed every stream. An EMA has no
+    exact merge and is refused (``TypeError``) before any communication. The state may live
+    in NumPy arrays or torch tensors on any device; it comes back where it was. Meant for
+    custom loops that merge now and then (the states travel as pickled objects).
+    """
+    if isinstance(stats, ExponentialMovingAverage) or not isinstance(stats, Estimator):
+        raise TypeError(
+            f"stats: expected Welford, ExactFullPass or CumulativeAverage (an exact merge), "
+            f"got {type(stats).__name__}"
+        )
+    if not active(group):
+        return stats
+    mine = stats.state_dict()
+    device = next((v.device for v in mine.values() if isinstance(v, Tensor)), None)
+    portable = {
+        k: v.detach().cpu().numpy() if isinstance(v, Tensor) else v for k, v in mine.items()
+    }
+    states: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, portable, group=group)
+    shapes = [_feature_shape(stats, state) for state in states]
+    if len({shape for shape in shapes if shape is not None}) > 1:
+        listed = ", ".join(f"rank {rank}: {shape}" for rank, shape in enumerate(shapes))
+        raise ValueError(f"stats: expected the same feature shape on every rank, got {listed}")
+    merged = type(stats)(nan_policy=stats.nan_policy)
+    for state in states:
+        other = type(stats)(nan_policy=stats.nan_policy)
+        other.load_state_dict(state)
+        merged.merge(other)
+    result = merged.state_dict()
+    if device is not None:
+        result = {
+            k: torch.as_tensor(v, device=device) if hasattr(v, "shape") else v
+            for k, v in result.items()
+        }
+    stats.load_state_dict(result)
+    return stats
+
+
+def _feature_shape(stats: Estimator, state: dict[str, Any]) -> tuple[int, ...] | None:
+    """The feature shape of a state dict (None before its first batch)."""
+    if not state[stats.name + ".count"]:
+        return None
+    return tuple(getattr(state[stats.name + "." + stats.array_keys[-1]], "shape", ()))
+
+
+__all__ = ["active", "all_reduce_stats", "gather_feature_counts", "gather_rows", "merge_pooled"]
