@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
 from torch import Tensor, nn
 
-from normstats import ExactFullPass, RunningStats, make_stats
+from normstats import ExactFullPass, ExponentialMovingAverage, RunningStats, make_stats
 from normstats.estimators import STRATEGIES
 from normstats.estimators._base import Estimator, State
 from normstats.moments import ShiftedMoments, chan_merge
@@ -157,6 +157,8 @@ class BatchNorm(nn.Module):
         self.process_group = process_group
         self.nan_policy = nan_policy
         self.strategy = _build_strategy(stats, momentum, nan_policy, stats_kwargs)
+        if isinstance(self.strategy, ExponentialMovingAverage):
+            self.momentum = self.strategy.momentum  # an EMA instance brings its own
         self.track_running_stats = self.strategy is not None
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
@@ -182,6 +184,14 @@ class BatchNorm(nn.Module):
     def stats_name(self) -> str:
         """The strategy's name, or ``"batch"``."""
         return "batch" if self.strategy is None else self.strategy.name
+
+    def population_statistics(self) -> tuple[Tensor, Tensor]:
+        """The strategy's current ``(mean, unbiased var)`` in float64 (what ``running_mean``
+        and ``running_var`` hold in the module's dtype)."""
+        if self.strategy is None or self.strategy_state is None:
+            raise ValueError("stats: a 'batch' BatchNorm keeps no population statistics")
+        mean, var = self.strategy.estimate(self.strategy_state.state())
+        return mean, var
 
     @property
     def strategy_state(self) -> StrategyState | None:
@@ -449,7 +459,7 @@ def _build_strategy(
                     "stats='cumulative' for it, or a momentum in (0, 1] for stats='ema'"
                 )
             kwargs = {"momentum": momentum, **kwargs}
-        return make_stats(stats, nan_policy="raise", **kwargs)
+        return make_stats(stats, nan_policy=nan_policy, **kwargs)
     if isinstance(stats, Estimator):
         if kwargs:
             raise TypeError(
