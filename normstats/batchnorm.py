@@ -10,7 +10,7 @@ from . import functional
 from ._arrays import all_finite, as_array, check_floating, describe, normalize_axis
 from ._typing import Array
 from ._validation import as_real
-from .estimators import STRATEGIES, ExactFullPass, RunningStats, make_stats
+from .estimators import ExactFullPass, RunningStats, resolve_stats
 from .estimators._base import NoBatchError
 from .moments import Moments
 
@@ -89,7 +89,7 @@ class BatchNorm:
         self.eps = eps
         self.affine = bool(affine)
         self.axis = axis
-        self.stats: RunningStats | None = _build_stats(stats, stats_kwargs)
+        self.stats: RunningStats | None = resolve_stats(stats, **stats_kwargs)
         self.gamma: Array | None = np.ones(self.num_features, dtype=dtype) if affine else None
         self.beta: Array | None = np.zeros(self.num_features, dtype=dtype) if affine else None
         self.grad_gamma: Array | None = None if self.gamma is None else np.zeros_like(self.gamma)
@@ -203,25 +203,3 @@ class BatchNorm:
             raise ValueError("x: expected finite values, got a training batch with NaN or Inf")
         if fed is not None:
             fed.update_moments(moments)
-
-
-def _build_stats(stats: str | RunningStats, kwargs: dict[str, Any]) -> RunningStats | None:
-    if isinstance(stats, str):
-        if stats == "batch":
-            if kwargs:
-                raise TypeError(f"stats='batch' takes no strategy arguments, got {sorted(kwargs)}")
-            return None
-        if stats not in STRATEGIES:
-            raise ValueError(
-                f"stats: expected one of {sorted([*STRATEGIES, 'batch'])} or an estimator, "
-                f"got {stats!r}"
-            )
-        return make_stats(stats, **kwargs)
-    if isinstance(stats, RunningStats):
-        if kwargs:
-            raise TypeError(
-                f"stats: strategy arguments {sorted(kwargs)} apply to a strategy name, not to "
-                f"an estimator instance"
-            )
-        return stats
-    raise TypeError(f"stats: expected a strategy name or an estimator, got {stats!r}")

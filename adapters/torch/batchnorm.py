@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
 from torch import Tensor, nn
 
-from normstats import ExactFullPass, ExponentialMovingAverage, RunningStats, make_stats
-from normstats.estimators import STRATEGIES
+from normstats import ExactFullPass, ExponentialMovingAverage, RunningStats
+from normstats.estimators import resolve_stats
 from normstats.estimators._base import Estimator, State
 from normstats.moments import ShiftedMoments, chan_merge
 
@@ -444,30 +444,24 @@ def _world() -> Any:
 def _build_strategy(
     stats: str | RunningStats, momentum: float | None, nan_policy: str, kwargs: dict[str, Any]
 ) -> Estimator | None:
-    if isinstance(stats, str):
-        if stats == "batch":
-            return None
-        if stats not in STRATEGIES:
+    """The layer's strategy; ``momentum`` is the EMA's (PyTorch's ``momentum=None`` is
+    the cumulative average, which is asked for by name)."""
+    if stats == "ema":
+        if momentum is None:
             raise ValueError(
-                f"stats: expected one of {sorted([*STRATEGIES, 'batch'])} or an estimator, "
-                f"got {stats!r}"
+                "momentum: None means a cumulative average in PyTorch; pass "
+                "stats='cumulative' for it, or a momentum in (0, 1] for stats='ema'"
             )
-        if stats == "ema":
-            if momentum is None:
-                raise ValueError(
-                    "momentum: None means a cumulative average in PyTorch; pass "
-                    "stats='cumulative' for it, or a momentum in (0, 1] for stats='ema'"
-                )
-            kwargs = {"momentum": momentum, **kwargs}
-        return make_stats(stats, nan_policy=nan_policy, **kwargs)
-    if isinstance(stats, Estimator):
-        if kwargs:
-            raise TypeError(
-                f"stats: strategy arguments {sorted(kwargs)} apply to a strategy name, not to "
-                f"an estimator instance"
-            )
-        return stats
-    raise TypeError(f"stats: expected a strategy name or an estimator, got {stats!r}")
+        kwargs = {"momentum": momentum, **kwargs}
+    if isinstance(stats, str) and stats != "batch":
+        kwargs = {"nan_policy": nan_policy, **kwargs}
+    strategy = resolve_stats(stats, **kwargs)
+    if strategy is not None and not isinstance(strategy, Estimator):
+        raise TypeError(
+            f"stats: a torch layer runs a normstats strategy's update rule on the device; "
+            f"expected one of normstats' estimators, got {type(strategy).__name__}"
+        )
+    return strategy
 
 
 __all__ = ["BatchNorm", "StrategyState"]

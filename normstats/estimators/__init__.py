@@ -4,7 +4,7 @@ from ._cumulative import CumulativeAverage
 from ._ema import EMA, ExponentialMovingAverage
 from ._pooled import ExactFullPass, Welford
 from ._protocol import RunningStats
-from ._registry import STRATEGIES, make_stats
+from ._registry import STRATEGIES, make_stats, resolve_stats
 
 __all__ = [
     "EMA",
@@ -15,4 +15,5 @@ __all__ = [
     "RunningStats",
     "Welford",
     "make_stats",
+    "resolve_stats",
 ]
