@@ -1,4 +1,4 @@
-"""Build a strategy from its name: ``make_stats("ema", momentum=0.01)``."""
+"""Build a strategy from its name (``make_stats("ema", momentum=0.01)``) or a layer's stats."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 from ._base import Estimator
 from ._cumulative import CumulativeAverage
-from ._protocol import RunningStats
 from ._ema import ExponentialMovingAverage
 from ._pooled import ExactFullPass, Welford
+from ._protocol import RunningStats
 
 STRATEGIES: dict[str, type[Estimator]] = {
     cls.name: cls for cls in (ExactFullPass, CumulativeAverage, ExponentialMovingAverage, Welford)
