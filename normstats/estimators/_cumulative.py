@@ -7,12 +7,13 @@ from typing import Any, ClassVar
 import attrs
 
 from .._typing import Array
-from ..moments import ShiftedMoments, blend
-from ._base import Estimator, State
+from ..moments import blend
+from ._base import State
+from ._batch_average import BatchAverage
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
-class CumulativeAverage(Estimator):
+class CumulativeAverage(BatchAverage):
     r"""Equal-weight average of batch means and of unbiased batch variances.
 
     PyTorch's ``momentum=None`` and Algorithm 2 of the BatchNorm paper (Ioffe & Szegedy,
@@ -46,8 +47,6 @@ class CumulativeAverage(Estimator):
     """
 
     name: ClassVar[str] = "cumulative"
-    min_batch_count: ClassVar[int] = 2
-    array_keys: ClassVar[tuple[str, ...]] = ("mean", "var")
 
     def initial_state(self, template: Array) -> State:
         return {"count": 0, "num_batches": 0, "mean": template * 0.0, "var": template * 0.0}
@@ -56,17 +55,8 @@ class CumulativeAverage(Estimator):
         zeros = template * 0.0
         return {"count": 0, "num_batches": num_batches, "mean": zeros + mean, "var": zeros + var}
 
-    def step(self, state: State, batch: ShiftedMoments) -> State:
-        weight = 1.0 / (state["num_batches"] + 1)
-        return {
-            "count": state["count"] + batch.count,
-            "num_batches": state["num_batches"] + 1,
-            "mean": blend(state["mean"], batch.mean, weight),
-            "var": blend(state["var"], batch.m2 / (batch.count - 1), weight),
-        }
-
-    def estimate(self, state: State) -> tuple[Array, Array]:
-        return state["mean"], state["var"]
+    def batch_weight(self, state: State) -> Any:
+        return 1.0 / (state["num_batches"] + 1)
 
     def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
         weight = theirs["num_batches"] / (mine["num_batches"] + theirs["num_batches"])

@@ -8,8 +8,9 @@ import attrs
 
 from .._typing import Array
 from .._validation import check_unit_interval
-from ..moments import ShiftedMoments, blend
-from ._base import Estimator, State
+from ..moments import ShiftedMoments
+from ._base import State
+from ._batch_average import BatchAverage
 from ._protocol import RunningStats
 
 
@@ -23,7 +24,7 @@ def _check_debias(instance: object, attribute: Any, value: object) -> None:
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
-class ExponentialMovingAverage(Estimator):
+class ExponentialMovingAverage(BatchAverage):
     r"""Exponential moving average of batch means and unbiased batch variances.
 
     With ``momentum`` :math:`m` (the weight of the new batch, PyTorch's convention; Keras and
@@ -65,8 +66,6 @@ class ExponentialMovingAverage(Estimator):
     """
 
     name: ClassVar[str] = "ema"
-    min_batch_count: ClassVar[int] = 2
-    array_keys: ClassVar[tuple[str, ...]] = ("mean", "var")
 
     _momentum: float = attrs.field(default=0.1, validator=_check_momentum, alias="momentum")
     _debias: bool = attrs.field(default=False, validator=_check_debias, alias="debias")
@@ -146,14 +145,8 @@ class ExponentialMovingAverage(Estimator):
             "var": zeros + var * scale,
         }
 
-    def step(self, state: State, batch: ShiftedMoments) -> State:
-        m = self._momentum
-        return {
-            "count": state["count"] + batch.count,
-            "num_batches": state["num_batches"] + 1,
-            "mean": blend(state["mean"], batch.mean, m),
-            "var": blend(state["var"], batch.m2 / (batch.count - 1), m),
-        }
+    def batch_weight(self, state: State) -> Any:
+        return self._momentum
 
     def estimate(self, state: State) -> tuple[Array, Array]:
         if not self._debias:
