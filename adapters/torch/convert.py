@@ -84,8 +84,6 @@ def _converted(layer: nn.Module, stats: str, kwargs: dict[str, Any]) -> BatchNor
         settings["stats"] = "batch"
     elif settings["stats"] == "ema" and settings["momentum"] is None:
         settings["stats"] = "cumulative"
-    if settings["momentum"] is None:
-        settings["momentum"] = 0.1  # unused outside "ema"
     new = BatchNorm(layer.num_features, **settings)
     state = layer.state_dict()
     exact = new.stats_name == "exact"

@@ -1,0 +1,1 @@
+"""Tests of the PyTorch adapter (``normstats.adapters.torch``)."""

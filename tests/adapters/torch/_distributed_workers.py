@@ -1,0 +1,400 @@
+"""Worker side of ``test_distributed.py``: what every rank runs in its own process.
+
+Spawned processes import these functions by module path, so they live here rather than in the
+test module. :func:`entry` joins a gloo process group on 127.0.0.1, runs one task and puts
+``(rank, ok, payload)`` on the queue: the task's results as NumPy arrays and plain Python, or
+the formatted traceback. A task is a series of named parts; a part that raises records its
+own traceback (``{"error": ...}``) and the next part still runs, so one library bug fails one
+test, not the whole spawn. Everything a part returns is NumPy or plain Python (no tensors
+cross the queue). The model builders are shared with the parent, which builds the
+single-process references from the same weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402, N812
+from torch import nn  # noqa: E402
+
+import normstats as ns  # noqa: E402
+from normstats.adapters.torch import BatchNorm, convert, recalibrate  # noqa: E402
+from normstats.adapters.torch.distributed import all_reduce_stats  # noqa: E402
+
+TIMEOUT = datetime.timedelta(seconds=30)
+F64 = torch.float64
+IN_CHANNELS, SIDE = 2, 4
+
+
+# -- models shared with the parent ---------------------------------------------------------
+
+
+def sync_bn_net() -> nn.Module:
+    """Conv, SyncBatchNorm, ReLU, 1x1 conv, SyncBatchNorm (float64): what ``convert`` takes."""
+    return nn.Sequential(
+        nn.Conv2d(IN_CHANNELS, 3, 3, padding=1),
+        nn.SyncBatchNorm(3, momentum=0.2),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 1),
+        nn.SyncBatchNorm(4),
+    ).to(F64)
+
+
+def plain_bn_net() -> nn.Module:
+    """:func:`sync_bn_net` with ``nn.BatchNorm2d``: the single-process reference."""
+    return nn.Sequential(
+        nn.Conv2d(IN_CHANNELS, 3, 3, padding=1),
+        nn.BatchNorm2d(3, momentum=0.2),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4),
+    ).to(F64)
+
+
+def recalibration_net() -> nn.Module:
+    """Two conv BN2d blocks and a dense BN1d (float64), for ``recalibrate``."""
+    return nn.Sequential(
+        nn.Conv2d(IN_CHANNELS, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * SIDE * SIDE, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    ).to(F64)
+
+
+def small_cnn(norm: Callable[[int], nn.Module]) -> nn.Module:
+    """Conv, BatchNorm (``norm``), ReLU, max-pool, linear (float64), for DDP."""
+    return nn.Sequential(
+        nn.Conv2d(IN_CHANNELS, 4, 3, padding=1),
+        norm(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * (SIDE // 2) ** 2, 3),
+    ).to(F64)
+
+
+def numpy_state(module: nn.Module) -> dict[str, np.ndarray[Any, Any]]:
+    """A module's state dict as NumPy copies."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_numpy_state(module: nn.Module, state: dict[str, np.ndarray[Any, Any]]) -> None:
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+
+
+# -- the process ---------------------------------------------------------------------------
+
+
+def entry(rank: int, world: int, port: int, queue: Any, task: str, args: tuple[Any, ...]) -> None:
+    """Join the group, run ``TASKS[task](rank, world, *args)``, report, leave."""
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=TIMEOUT,
+        )
+        result = TASKS[task](rank, world, *args)
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    else:
+        queue.put((rank, True, result))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_parts(parts: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Each part's result, or ``{"error": traceback}`` for a part that raised."""
+    results: dict[str, Any] = {}
+    for name, part in parts.items():
+        try:
+            results[name] = {"value": part()}
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray[Any, Any] | None:
+    return None if t is None else t.detach().cpu().numpy().copy()
+
+
+def _in_sync(world: int) -> bool:
+    """A collective right after a fault: every rank is still at the same point."""
+    total = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(total)
+    return float(total) == world * (world + 1) / 2
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+
+def sync_layer(
+    rank: int,
+    steps: list[list[np.ndarray[Any, Any]]],
+    loss_weights: list[list[np.ndarray[Any, Any]]],
+    weight: np.ndarray[Any, Any],
+    bias: np.ndarray[Any, Any],
+    eval_input: np.ndarray[Any, Any],
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Train ``BatchNorm(C, sync=True, **kwargs)`` on this rank's batch of every step.
+
+    Loss of this rank: ``(y * w_r).sum()``; returns every step's output, input gradient and
+    parameter gradients, then the statistics and an eval-mode output.
+    """
+    bn = BatchNorm(weight.shape[0], sync=True, dtype=F64, **kwargs)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(weight))
+        bn.bias.copy_(torch.from_numpy(bias))
+    bn.train()
+    record: dict[str, Any] = {"y": [], "x_grad": [], "weight_grad": [], "bias_grad": []}
+    for batch, w in zip(steps, loss_weights, strict=True):
+        x = torch.from_numpy(batch[rank]).requires_grad_()
+        bn.zero_grad()
+        y = bn(x)
+        (y * torch.from_numpy(w[rank])).sum().backward()
+        record["y"].append(_np(y))
+        record["x_grad"].append(_np(x.grad))
+        record["weight_grad"].append(_np(bn.weight.grad))
+        record["bias_grad"].append(_np(bn.bias.grad))
+    record["running_mean"] = _np(bn.running_mean)
+    record["running_var"] = _np(bn.running_var)
+    record["num_batches_tracked"] = int(bn.num_batches_tracked)
+    bn.eval()
+    with torch.no_grad():
+        record["y_eval"] = _np(bn(torch.from_numpy(eval_input)))
+    return record
+
+
+def converted_sync_bn(
+    rank: int,
+    state: dict[str, np.ndarray[Any, Any]],
+    batch: list[np.ndarray[Any, Any]],
+    loss_weights: list[np.ndarray[Any, Any]],
+) -> dict[str, Any]:
+    """``convert`` a model of ``nn.SyncBatchNorm`` layers and train one step on this rank."""
+    model = sync_bn_net()
+    load_numpy_state(model, state)
+    model = convert(model, stats="ema")
+    layers = [m for m in model.modules() if isinstance(m, BatchNorm)]
+    left = [type(m).__name__ for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    model.train()
+    x = torch.from_numpy(batch[rank]).requires_grad_()
+    y = model(x)
+    (y * torch.from_numpy(loss_weights[rank])).sum().backward()
+    return {
+        "layers": [(m.sync, m.process_group, m.stats_name) for m in layers],
+        "left": left,
+        "y": _np(y),
+        "x_grad": _np(x.grad),
+        "param_grads": {n: _np(p.grad) for n, p in model.named_parameters()},
+        "state": numpy_state(model),
+    }
+
+
+def _statistics(model: nn.Module) -> list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
+    return [
+        (_np(m.running_mean), _np(m.running_var))
+        for m in model.modules()
+        if isinstance(m, BatchNorm)
+    ]
+
+
+def recalibrated_shard(
+    rank: int, state: dict[str, np.ndarray[Any, Any]], shards: list[list[np.ndarray[Any, Any]]]
+) -> dict[str, Any]:
+    """``recalibrate`` over this rank's shard: one pass, layerwise, and ``sync=False``."""
+    shard = [torch.from_numpy(b) for b in shards[rank]]
+
+    def fresh() -> nn.Module:
+        model = recalibration_net()
+        load_numpy_state(model, state)
+        return convert(model, stats="exact")
+
+    result: dict[str, Any] = {}
+    result["one_pass"] = _statistics(recalibrate(fresh(), shard))
+    result["layerwise"] = _statistics(recalibrate(fresh(), shard, layerwise=True))
+    try:
+        result["unsynced"] = _statistics(recalibrate(fresh(), shard, sync=False))
+    except ValueError as error:  # a rank without data has nothing of its own
+        result["unsynced"] = f"ValueError: {error}"
+    result["in_sync"] = _in_sync(len(shards))
+    return result
+
+
+def ddp_training(
+    rank: int,
+    world: int,
+    state: dict[str, np.ndarray[Any, Any]],
+    inputs: list[np.ndarray[Any, Any]],
+    targets: list[np.ndarray[Any, Any]],
+    lr: float,
+) -> dict[str, Any]:
+    """SGD under DDP on this rank's half of every global batch; the final state."""
+    net = small_cnn(lambda c: BatchNorm(c, sync=True, momentum=0.1, dtype=F64))
+    load_numpy_state(net, state)
+    model = nn.parallel.DistributedDataParallel(net)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for x_all, t_all in zip(inputs, targets, strict=True):
+        n = len(x_all)
+        mine = slice(rank * n // world, (rank + 1) * n // world)
+        x, t = torch.from_numpy(x_all[mine]), torch.from_numpy(t_all[mine])
+        optimizer.zero_grad()
+        # DDP averages the ranks' gradients: scale so the average is that of the global mean
+        loss = F.cross_entropy(model(x), t, reduction="sum") / n * world
+        loss.backward()
+        optimizer.step()
+    return numpy_state(net)
+
+
+def channel_faults(rank: int, world: int) -> dict[str, Any]:
+    """Ranks whose channels or input ranks differ: the error every rank raises."""
+    channels = [3, 4, 3][rank]
+    bn = BatchNorm(channels, sync=True, stats="welford")
+    x = torch.randn(4, channels, 2, 2)
+    result: dict[str, Any] = {}
+    try:
+        bn(x)
+        result["channels"] = "no error"
+    except ValueError as error:
+        result["channels"] = f"ValueError: {error}"
+    result["channels_untouched"] = (
+        int(bn.num_batches_tracked),
+        _np(bn.running_mean),
+        _np(bn.running_var),
+    )
+    result["channels_in_sync"] = _in_sync(world)
+    bn = BatchNorm(3, sync=True)
+    x = torch.randn(6, 3) if rank == 0 else torch.randn(4, 3, 2, 2)
+    try:
+        bn(x)
+        result["input_rank"] = "no error"
+    except ValueError as error:
+        result["input_rank"] = f"ValueError: {error}"
+    result["input_rank_in_sync"] = _in_sync(world)
+    return result
+
+
+ESTIMATORS = {"welford": ns.Welford, "exact": ns.ExactFullPass, "cumulative": ns.CumulativeAverage}
+
+
+def reduced_stats(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]]) -> Any:
+    """``all_reduce_stats`` of every mergeable strategy, NumPy and torch state."""
+    result: dict[str, Any] = {}
+    for name, cls in ESTIMATORS.items():
+        for kind in ("numpy", "torch"):
+            stats = cls()
+            for batch in streams[rank]:
+                stats.update(torch.from_numpy(batch) if kind == "torch" else batch)
+            returned = all_reduce_stats(stats)
+            result[name, kind] = {
+                "same_object": returned is stats,
+                "kind": type(stats.mean).__name__,
+                "mean": _np(stats.mean) if kind == "torch" else np.array(stats.mean),
+                "var": _np(stats.var) if kind == "torch" else np.array(stats.var),
+                "count": int(stats.count),
+                "num_batches": int(stats.num_batches),
+            }
+    result["in_sync"] = _in_sync(world)
+    return result
+
+
+COLLECTIVES = ("all_gather", "all_gather_object", "all_reduce", "broadcast", "broadcast_object_list")
+
+
+def stats_faults(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]]) -> Any:
+    """EMA (refused before any collective) and feature shapes that differ across ranks."""
+    result: dict[str, Any] = {}
+    for debias in (False, True):
+        ema = ns.ExponentialMovingAverage(debias=debias)
+        for batch in streams[rank]:
+            ema.update(batch)
+        before = dict(ema.state_dict())
+        patches = [
+            mock.patch.object(dist, name, side_effect=AssertionError(f"{name} was called"))
+            for name in COLLECTIVES
+        ]
+        for patch in patches:
+            patch.start()
+        try:
+            all_reduce_stats(ema)
+            outcome = "no error"
+        except Exception as error:
+            outcome = f"{type(error).__name__}: {error}"
+        finally:
+            for patch in patches:
+                patch.stop()
+        after = ema.state_dict()
+        result["ema", debias] = outcome
+        result["ema_untouched", debias] = all(
+            np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before
+        )
+    result["ema_in_sync"] = _in_sync(world)
+    stats = ns.Welford()
+    features = [3, 4, 3][rank]
+    if rank != 2:  # rank 2 has no data
+        stats.update(np.arange(5.0 * features).reshape(5, features) + rank)
+    before_count = int(stats.count)
+    try:
+        all_reduce_stats(stats)
+        result["shapes"] = "no error"
+    except ValueError as error:
+        result["shapes"] = f"ValueError: {error}"
+    result["shapes_untouched"] = int(stats.count) == before_count
+    result["shapes_in_sync"] = _in_sync(world)
+    return result
+
+
+# -- what one spawn runs -------------------------------------------------------------------
+
+
+def layers_task(rank: int, world: int, layer_cases: dict[str, Any], others: dict[str, Any]) -> Any:
+    """The layer checks of one world size (plus ``convert`` / ``recalibrate`` when given)."""
+    parts: dict[str, Callable[[], Any]] = {}
+    for name, case in layer_cases.items():
+        parts[name] = lambda case=case: sync_layer(rank, **case)
+    if "convert" in others:
+        parts["convert"] = lambda: converted_sync_bn(rank, **others["convert"])
+    if "recalibrate" in others:
+        parts["recalibrate"] = lambda: recalibrated_shard(rank, **others["recalibrate"])
+    return _run_parts(parts)
+
+
+def ddp_task(rank: int, world: int, case: dict[str, Any]) -> Any:
+    return _run_parts({"ddp": lambda: ddp_training(rank, world, **case)})
+
+
+def faults_task(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]]) -> Any:
+    return _run_parts(
+        {
+            "channels": lambda: channel_faults(rank, world),
+            "all_reduce_stats": lambda: reduced_stats(rank, world, streams),
+            "stats_faults": lambda: stats_faults(rank, world, streams),
+        }
+    )
+
+
+TASKS: dict[str, Callable[..., Any]] = {
+    "layers": layers_task,
+    "ddp": ddp_task,
+    "faults": faults_task,
+}
