@@ -140,6 +140,7 @@ class BatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         self._calibration: State | None = None
+        self._calibrated: bool | None = None  # known state of an "exact" layer
         self.source_class: type[nn.Module] | None = None
         """The torch class this layer replaced (set by ``convert``; ``revert`` goes back to it)."""
         self.input_rank: int | None = None
@@ -365,11 +366,24 @@ class BatchNorm(nn.Module):
             calibrated = strategy.calibrated_state(batch)
             state.assign(calibrated)
             self._set_running(calibrated)
+        self._calibrated = True
 
     def _calibrate(self, x: Tensor) -> Tensor:
+        """Normalize with batch statistics and pool them; no gradient is needed here, so the
+        moments come from one reduction and the output from the evaluation kernel."""
         if x.shape[0] == 0:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        y, batch = self._normalize_with_batch_statistics(x)
+        count = x.numel() // self.num_features
+        if count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{list(x.shape)}"
+            )
+        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        batch = ShiftedMoments(
+            count, None, mean.to(STATS_DTYPE), var.to(STATS_DTYPE) * count, finite=True
+        )
         assert self._calibration is not None
         self._calibration = POOL.step(self._calibration, batch)
         return y
@@ -390,15 +404,22 @@ class BatchNorm(nn.Module):
             )
 
     def _check_calibrated(self) -> None:
-        """An exact layer has no statistics until recalibrated (one host sync, exact only)."""
-        if isinstance(self.strategy, ExactFullPass):
+        """An exact layer has no statistics until recalibrated.
+
+        Whether it has is read from the device once and remembered until the statistics are
+        loaded or calibrated again, so evaluation does not synchronise with the host.
+        """
+        if not isinstance(self.strategy, ExactFullPass):
+            return
+        if self._calibrated is None:
             state = self.strategy_state
             assert state is not None
-            if float(state.state()["count"]) == 0:
-                raise ValueError(
-                    "stats: this 'exact' BatchNorm is not calibrated: run "
-                    "normstats.adapters.torch.recalibrate(model, data) after training"
-                )
+            self._calibrated = float(state.state()["count"]) > 0
+        if not self._calibrated:
+            raise ValueError(
+                "stats: this 'exact' BatchNorm is not calibrated: run "
+                "normstats.adapters.torch.recalibrate(model, data) after training"
+            )
 
     # -- state dicts -------------------------------------------------------------------------
 
@@ -432,6 +453,7 @@ class BatchNorm(nn.Module):
                 )
                 for key in state.state():
                     state_dict[inner + key] = torch.as_tensor(resumed[key], dtype=STATS_DTYPE)
+        self._calibrated = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
