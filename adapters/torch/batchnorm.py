@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import array_api_compat
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
 from torch import Tensor, nn
@@ -23,12 +24,16 @@ from torch import Tensor, nn
 from normstats import ExactFullPass, ExponentialMovingAverage, RunningStats
 from normstats.estimators import resolve_stats
 from normstats.estimators._base import Estimator, State
-from normstats.moments import ShiftedMoments, chan_merge
+from normstats.functional import reduced_axes
+from normstats.moments import ShiftedMoments, chan_merge, reduce_batch
 
 from . import distributed
 
 STATS_DTYPE = torch.float64
 """The strategy's accumulators, whatever the module's dtype."""
+
+torch_namespace = array_api_compat.array_namespace(torch.empty(0))
+"""The array namespace the core's reductions use for tensors."""
 
 POOL = ExactFullPass()
 """The update rule that pools a calibration pass (its pure functions only; it holds no state)."""
@@ -370,7 +375,9 @@ class BatchNorm(nn.Module):
 
     def _calibrate(self, x: Tensor) -> Tensor:
         """Normalize with batch statistics and pool them; no gradient is needed here, so the
-        moments come from one reduction and the output from the evaluation kernel."""
+        moments come from the core's float64 reduction (exact for data far from zero too)
+        and the output from the evaluation kernel (on CPU both together cost less than the
+        training kernel)."""
         if x.shape[0] == 0:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         count = x.numel() // self.num_features
@@ -379,11 +386,11 @@ class BatchNorm(nn.Module):
                 f"Expected more than 1 value per channel when training, got input size "
                 f"{list(x.shape)}"
             )
-        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
-        y = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
-        batch = ShiftedMoments(
-            count, None, mean.to(STATS_DTYPE), var.to(STATS_DTYPE) * count, finite=True
-        )
+        reduced = reduce_batch(torch_namespace, x.detach(), reduced_axes(x.dim(), 1))
+        mean, m2 = reduced.mean, reduced.m2
+        var = (m2 / count).to(x.dtype)
+        y = F.batch_norm(x, mean.to(x.dtype), var, self.weight, self.bias, False, 0.0, self.eps)
+        batch = ShiftedMoments(count, None, mean, m2, finite=True)
         assert self._calibration is not None
         self._calibration = POOL.step(self._calibration, batch)
         return y
