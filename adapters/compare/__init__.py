@@ -1,0 +1,12 @@
+"""The comparison: inference accuracy of BatchNorm networks under every statistics strategy.
+
+``normstats compare`` (the console script, also ``python -m normstats compare``) and
+:func:`compare` train networks through the NumPy and torch adapters and evaluate each
+strategy on the same trained network. Its extras (scikit-learn, matplotlib, tqdm, mnist1d)
+are imported only when a comparison runs.
+"""
+
+from .cli import main
+from .runner import Record, compare
+
+__all__ = ["Record", "compare", "main"]

@@ -1,0 +1,322 @@
+"""One training run per backend: the NumPy adapter or the torch adapter, same protocol.
+
+A run trains one network (batch statistics in training, as BatchNorm always does) while
+every tracked strategy follows the same batch moments of every layer; it can then evaluate
+the test set with any strategy's statistics and recalibrate (the exact full pass). No
+BatchNorm is implemented here: the NumPy backend uses :class:`normstats.BatchNorm`, the torch
+backend :class:`normstats.adapters.torch.BatchNorm`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+import normstats as ns
+
+from ..numpy import Linear, ReLU, Sequential, recalibrate, softmax_cross_entropy
+from ..numpy.training import SGD
+from . import strategies
+from .data import Dataset
+
+HIDDEN = (128, 64)
+"""Widths of the MLP's hidden layers (each Linear -> BatchNorm -> ReLU)."""
+
+Statistics = list[tuple[Any, Any]]
+"""(mean, unbiased var) per BatchNorm layer, float64."""
+
+
+class Run(Protocol):
+    """A network being trained, its tracked strategies, and how to evaluate them."""
+
+    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> None: ...
+
+    def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None: ...
+
+    def accuracy(self, strategy: str, batch_size: int) -> float: ...
+
+    def calibration_batches(self, batch_size: int) -> list[Any]: ...
+
+    def restore_training_statistics(self) -> None: ...
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Any]:
+    """Index arrays of consecutive batches; a last batch of one sample joins the one before
+    (BatchNorm needs two values per channel)."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else n
+        yield order[start:end]
+
+
+class FanOut(ns.Welford):
+    """Training-time statistics of one NumPy layer: every tracked strategy is fed each batch.
+
+    It stands in the layer's ``stats`` during training (a Welford itself, so the layer sees
+    a regular strategy) and hands every batch's moments to the other estimators too.
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.estimators = {name: strategies.estimator(name) for name in names}
+
+    def update_moments(self, moments: ns.Moments) -> None:
+        super().update_moments(moments)
+        for estimator in self.estimators.values():
+            estimator.update_moments(moments)
+
+
+class NumpyRun:
+    """An MLP of the NumPy adapter (the NumPy backend has no convolution layers)."""
+
+    def __init__(self, data: Dataset, model: str, seed: int, tracked: tuple[str, ...]) -> None:
+        if model != "mlp":
+            raise ValueError(
+                "--model: the numpy backend builds MLPs only (its layer kit has no "
+                "convolutions); use --backend torch for --model cnn"
+            )
+        rng = np.random.default_rng(seed)
+        widths = (data.X_train.shape[1], *HIDDEN)
+        layers: list[Any] = []
+        self.norms: list[ns.BatchNorm] = []
+        for fan_in, fan_out in itertools.pairwise(widths):
+            norm = ns.BatchNorm(fan_out, stats="welford")
+            norm.stats = FanOut(tracked)
+            self.norms.append(norm)
+            layers += [Linear(fan_in, fan_out, rng=rng), norm, ReLU()]
+        layers.append(Linear(widths[-1], data.num_classes, rng=rng))
+        self.model = Sequential(*layers)
+        self.data, self.rng = data, rng
+        self.fanouts = [norm.stats for norm in self.norms]
+        self.optimizer: SGD | None = None
+
+    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> None:
+        if self.optimizer is None:
+            self.optimizer = SGD(self.model, lr=lr, momentum=0.9)
+        X, y = self.data.X_train, self.data.y_train
+        self.model.train()
+        for _ in range(epochs):
+            for index in batches(len(X), batch_size, self.rng):
+                _, grad = softmax_cross_entropy(self.model.forward(X[index]), y[index])
+                self.model.backward(grad)
+                self.optimizer.step()
+
+    def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None:
+        if strategy == "batch":
+            return None
+        if strategy in strategies.CALIBRATED:
+            for norm in self.norms:
+                norm.stats = ns.ExactFullPass()
+            recalibrate(self.model, calibration, layerwise=strategy == "exact-layerwise")
+            found = [(norm.stats.mean, norm.stats.var) for norm in self.norms if norm.stats]
+            self._use(strategy, found)
+            return found
+        found = []
+        for fanout in self.fanouts:
+            assert isinstance(fanout, FanOut)
+            estimator = fanout.estimators[strategy]
+            found.append((np.asarray(estimator.mean), np.asarray(estimator.var)))
+        self._use(strategy, found)
+        return found
+
+    def _use(self, strategy: str, found: Statistics) -> None:
+        for norm, (mean, var) in zip(self.norms, found, strict=True):
+            norm.stats = _Fixed(mean, var)
+
+    def accuracy(self, strategy: str, batch_size: int) -> float:
+        X, y = self.data.X_test, self.data.y_test
+        if strategy == "batch":
+            saved = [norm.stats for norm in self.norms]
+            for norm in self.norms:
+                norm.stats = None
+            try:
+                self.model.eval()
+                correct = sum(
+                    int((self.model.forward(X[i]).argmax(1) == y[i]).sum())
+                    for i in batches(len(X), batch_size)
+                )
+            finally:
+                for norm, stats in zip(self.norms, saved, strict=True):
+                    norm.stats = stats
+            return correct / len(X)
+        self.model.eval()
+        return float((self.model.forward(X).argmax(1) == y).mean())
+
+    def calibration_batches(self, batch_size: int) -> list[Any]:
+        X = self.data.X_train
+        return [X[i] for i in batches(len(X), batch_size)]
+
+    def restore_training_statistics(self) -> None:
+        for norm, fanout in zip(self.norms, self.fanouts, strict=True):
+            norm.stats = fanout
+
+
+class _Fixed(ns.Welford):
+    """Given statistics, for evaluation: its ``mean`` and ``var`` are what it was built with."""
+
+    def __init__(self, mean: np.ndarray[Any, Any], var: np.ndarray[Any, Any]) -> None:
+        super().__init__()
+        self._fixed = (mean, var)
+
+    @property
+    def mean(self) -> Any:
+        return self._fixed[0]
+
+    @property
+    def var(self) -> Any:
+        return self._fixed[1]
+
+
+class TorchRun:
+    """An MLP or a CNN of the torch adapter; tracked strategies step on the layers' batches."""
+
+    def __init__(self, data: Dataset, model: str, seed: int, tracked: tuple[str, ...]) -> None:
+        import torch
+
+        from ..torch import BatchNorm
+
+        torch.manual_seed(seed)
+        self.torch = torch
+        self.model = _torch_model(data, model)
+        self.norms = [m for m in self.model.modules() if isinstance(m, BatchNorm)]
+        self.data = data
+        self.generator = torch.Generator().manual_seed(seed)
+        self.X_train = torch.as_tensor(data.X_train, dtype=torch.float32).reshape(
+            len(data.X_train), *self._sample_shape(model)
+        )
+        self.y_train = torch.as_tensor(data.y_train)
+        self.X_test = torch.as_tensor(data.X_test, dtype=torch.float32).reshape(
+            len(data.X_test), *self._sample_shape(model)
+        )
+        self.y_test = torch.as_tensor(data.y_test)
+        self.tracked: list[dict[str, Any]] = []
+        self.tracking = True
+        for norm in self.norms:
+            states = {
+                name: (s := strategies.estimator(name), s.initial_state(_zeros(torch, norm)))
+                for name in tracked
+            }
+            self.tracked.append(states)
+            norm.fold_batch = self._folding(norm.fold_batch, states)  # type: ignore[method-assign]
+        self.optimizer: Any = None
+
+    def _sample_shape(self, model: str) -> tuple[int, ...]:
+        return self.data.image_shape if model == "cnn" else (self.data.X_train.shape[1],)
+
+    def _folding(self, fold: Any, states: dict[str, Any]) -> Any:
+        def fold_everywhere(batch: Any) -> None:
+            fold(batch)
+            if self.tracking:
+                for name, (estimator, state) in states.items():
+                    states[name] = (estimator, estimator.step(state, batch))
+
+        return fold_everywhere
+
+    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> None:
+        torch = self.torch
+        if self.optimizer is None:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
+        self.model.train()
+        n = len(self.X_train)
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=self.generator).numpy()
+            for index in batches(n, batch_size, None):
+                rows = torch.as_tensor(order[index])
+                loss = torch.nn.functional.cross_entropy(
+                    self.model(self.X_train[rows]), self.y_train[rows]
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+
+    def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None:
+        torch = self.torch
+        if strategy == "batch":
+            return None
+        if strategy in strategies.CALIBRATED:
+            from ..torch import recalibrate as recalibrate_torch
+
+            recalibrate_torch(self.model, calibration, layerwise=strategy == "exact-layerwise")
+            return [
+                tuple(t.cpu().numpy() for t in norm.population_statistics())  # type: ignore[misc]
+                for norm in self.norms
+            ]
+        found: Statistics = []
+        with torch.no_grad():
+            for norm, states in zip(self.norms, self.tracked, strict=True):
+                estimator, state = states[strategy]
+                mean, var = estimator.estimate(state)
+                assert norm.running_mean is not None  # tracked layers keep running buffers
+                assert norm.running_var is not None
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                found.append((mean.cpu().numpy(), var.cpu().numpy()))
+        return found
+
+    def accuracy(self, strategy: str, batch_size: int) -> float:
+        torch = self.torch
+        X, y = self.X_test, self.y_test
+        with torch.no_grad():
+            if strategy == "batch":  # test batches normalized with their own statistics
+                saved = copy.deepcopy(self.model.state_dict())
+                self.model.eval()
+                self.tracking = False
+                for norm in self.norms:
+                    norm.train()
+                try:
+                    correct = sum(
+                        int((self.model(X[i]).argmax(1) == y[i]).sum())
+                        for i in batches(len(X), batch_size)
+                    )
+                finally:
+                    self.model.load_state_dict(saved)
+                    self.tracking = True
+                return correct / len(X)
+            self.model.eval()
+            return float((self.model(X).argmax(1) == y).float().mean())
+
+    def calibration_batches(self, batch_size: int) -> list[Any]:
+        return [self.X_train[i] for i in batches(len(self.X_train), batch_size)]
+
+    def restore_training_statistics(self) -> None:
+        """Nothing to do: the tracked states live beside the layers."""
+
+
+def _zeros(torch: Any, norm: Any) -> Any:
+    return torch.zeros(norm.num_features, dtype=torch.float64, device=norm.running_mean.device)
+
+
+def _torch_model(data: Dataset, model: str) -> Any:
+    from torch import nn
+
+    from ..torch import BatchNorm
+
+    if model == "mlp":
+        widths = (data.X_train.shape[1], *HIDDEN)
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(widths):
+            layers += [nn.Linear(fan_in, fan_out), BatchNorm(fan_out, stats="welford"), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(widths[-1], data.num_classes))
+    if model != "cnn":
+        raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
+    channels, *spatial = data.image_shape
+    conv = nn.Conv1d if len(spatial) == 1 else nn.Conv2d
+    pool = nn.AdaptiveAvgPool1d if len(spatial) == 1 else nn.AdaptiveAvgPool2d
+    channel_widths = (channels, 16, 32, 32)
+    layers = []
+    for fan_in, fan_out in itertools.pairwise(channel_widths):
+        layers += [
+            conv(fan_in, fan_out, 3, padding=1),
+            BatchNorm(fan_out, stats="welford"),
+            nn.ReLU(),
+        ]
+    return nn.Sequential(
+        *layers, pool(1), nn.Flatten(), nn.Linear(channel_widths[-1], data.num_classes)
+    )

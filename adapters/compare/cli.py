@@ -1,0 +1,142 @@
+"""The ``normstats`` command line: ``normstats compare [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import strategies
+from .data import DatasetError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    return _int_list(text)[0]
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="normstats",
+        description="Streaming statistics and BatchNorm with pluggable population statistics.",
+    )
+    commands = top.add_subparsers(dest="command", metavar="command")
+    compare = commands.add_parser(
+        "compare",
+        help="train BatchNorm networks on real data and compare inference accuracy under "
+        "every statistics strategy",
+        description="Train BatchNorm networks and evaluate test accuracy with each strategy's "
+        "population statistics, over batch sizes, seeds, training lengths and backends.",
+    )
+    compare.add_argument(
+        "--dataset",
+        default="digits",
+        help="'digits' (scikit-learn, default), 'mnist1d', or a .npz with X and y",
+    )
+    compare.add_argument("--backend", default="both", choices=["torch", "numpy", "both"])
+    compare.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    compare.add_argument("--batch-sizes", type=_int_list, default=[2, 4, 8, 16, 32, 64, 128, 256])
+    compare.add_argument("--seeds", type=_positive, default=5, help="seeds per configuration")
+    compare.add_argument(
+        "--epochs", type=_int_list, default=[5], help="training length; a list (5,20) sweeps it"
+    )
+    compare.add_argument(
+        "--lr",
+        type=float,
+        default=0.1,
+        help="SGD learning rate at batch size 64; scaled linearly with batch size",
+    )
+    compare.add_argument("--strategies", default=",".join(strategies.DEFAULT))
+    compare.add_argument(
+        "--calibration-batch-size",
+        type=_positive,
+        default=None,
+        help="batch size of the exact full pass (default: the training batch size)",
+    )
+    compare.add_argument("--out", type=Path, default=Path("results"))
+    compare.add_argument("--quiet", action="store_true", help="no progress bars, table only")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parser().parse_args(argv)
+    if arguments.command != "compare":
+        parser().print_help()
+        return 0 if arguments.command is None else 2
+    try:
+        return _compare(arguments)
+    except (DatasetError, strategies.StrategyError, ValueError) as error:
+        print(f"normstats compare: {error}", file=sys.stderr)
+        return 2
+
+
+def _compare(arguments: argparse.Namespace) -> int:
+    from threadpoolctl import threadpool_limits
+
+    from . import report
+    from .runner import Timings, compare
+
+    started = time.perf_counter()
+    threadpool_limits(1)
+    backends = ["torch", "numpy"] if arguments.backend == "both" else [arguments.backend]
+    names = strategies.parse(arguments.strategies)
+    if "torch" in backends:
+        import torch
+
+        torch.set_num_threads(1)
+    total = len(backends) * len(arguments.batch_sizes) * arguments.seeds
+    show = not arguments.quiet and sys.stderr.isatty() and not os.environ.get("CI")
+    progress = None
+    if show:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, desc="networks", unit="net")
+    timings = Timings()
+    try:
+        records = compare(
+            arguments.dataset,
+            backends=backends,
+            model=arguments.model,
+            batch_sizes=arguments.batch_sizes,
+            seeds=arguments.seeds,
+            epochs=arguments.epochs,
+            lr=arguments.lr,
+            strategies=names,
+            calibration_batch_size=arguments.calibration_batch_size,
+            progress=progress,
+            timings=timings,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    written_started = time.perf_counter()
+    paths = report.write(records, arguments.out)
+    print(report.table(records))
+    if not arguments.quiet:
+        print("wrote " + ", ".join(str(p) for p in paths))
+        spent = ", ".join(
+            f"{b} {phase} {s:.1f} s" for (b, phase), s in sorted(timings.seconds.items())
+        )
+        print(
+            f"time: {spent}, reports {time.perf_counter() - written_started:.1f} s, "
+            f"total {time.perf_counter() - started:.1f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The comparison: train, then evaluate every strategy on the same network, over a grid.
+
+For each backend, batch size and seed one network is trained (a learning rate scaled
+linearly with the batch size: ``lr * batch_size / 64``); after each training length in
+``epochs`` every strategy is evaluated on the test set, and the distance of its statistics
+from the exact full-pass statistics is measured per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+
+from . import strategies as strategy_names
+from .backends import NumpyRun, Run, Statistics, TorchRun
+from .data import Dataset, load
+
+BACKENDS = ("torch", "numpy")
+REFERENCE_BATCH_SIZE = 64
+"""The learning rate given is the one for this batch size; others scale linearly."""
+
+
+@attrs.frozen
+class Record:
+    """One evaluation: a strategy's test accuracy on one trained network."""
+
+    backend: str
+    model: str
+    dataset: str
+    batch_size: int
+    seed: int
+    epochs: int
+    strategy: str
+    accuracy: float
+    calibration_batch_size: int
+    stats_distance: list[float]
+    """Per BatchNorm layer: mean over channels of |mu - mu_exact| / sigma_exact +
+    |sigma / sigma_exact - 1| (0 for the exact statistics; empty for "batch")."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.define
+class Timings:
+    """Seconds spent, by backend and phase."""
+
+    seconds: dict[tuple[str, str], float] = attrs.field(factory=lambda: defaultdict(float))
+
+    def add(self, backend: str, phase: str, started: float) -> None:
+        self.seconds[(backend, phase)] += time.perf_counter() - started
+
+
+def compare(
+    dataset: str = "digits",
+    *,
+    backends: Sequence[str] = BACKENDS,
+    model: str = "mlp",
+    batch_sizes: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256),
+    seeds: int = 5,
+    epochs: Sequence[int] = (5,),
+    lr: float = 0.1,
+    strategies: str | list[str] | tuple[str, ...] = strategy_names.DEFAULT,
+    calibration_batch_size: int | None = None,
+    progress: Any = None,
+    timings: Timings | None = None,
+) -> list[Record]:
+    """Train BatchNorm networks and evaluate every strategy; return one record per
+    backend, batch size, seed, training length and strategy."""
+    names = strategy_names.parse(strategies)
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend: expected torch, numpy or both, got {backend!r}")
+    if model not in ("mlp", "cnn"):
+        raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
+    data = load(dataset)
+    timings = timings if timings is not None else Timings()
+    records: list[Record] = []
+    for backend in backends:
+        for batch_size in batch_sizes:
+            for seed in range(seeds):
+                records += _one_network(
+                    data,
+                    backend,
+                    model,
+                    batch_size,
+                    seed,
+                    sorted(set(epochs)),
+                    lr,
+                    names,
+                    calibration_batch_size or batch_size,
+                    timings,
+                )
+                if progress is not None:
+                    progress.update(1)
+    return records
+
+
+def _one_network(
+    data: Dataset,
+    backend: str,
+    model: str,
+    batch_size: int,
+    seed: int,
+    epochs: list[int],
+    lr: float,
+    names: tuple[str, ...],
+    calibration_batch_size: int,
+    timings: Timings,
+) -> list[Record]:
+    started = time.perf_counter()
+    tracked = strategy_names.tracked(names)
+    run: Run = (NumpyRun if backend == "numpy" else TorchRun)(data, model, seed, tracked)
+    calibration = run.calibration_batches(calibration_batch_size)
+    timings.add(backend, "set-up", started)
+    records: list[Record] = []
+    done = 0
+    for total in epochs:
+        started = time.perf_counter()
+        run.train_epochs(total - done, batch_size, lr * batch_size / REFERENCE_BATCH_SIZE)
+        done = total
+        timings.add(backend, "training", started)
+        started = time.perf_counter()
+        reference = run.statistics("exact", calibration)
+        found: dict[str, Statistics | None] = {}
+        accuracy: dict[str, float] = {}
+        for name in names:
+            found[name] = reference if name == "exact" else run.statistics(name, calibration)
+            accuracy[name] = run.accuracy(name, batch_size)
+        run.restore_training_statistics()
+        timings.add(backend, "evaluation", started)
+        for name in names:
+            records.append(
+                Record(
+                    backend,
+                    model,
+                    data.name,
+                    batch_size,
+                    seed,
+                    total,
+                    name,
+                    accuracy[name],
+                    calibration_batch_size,
+                    _distance(found[name], reference),
+                )
+            )
+    return records
+
+
+def _distance(stats: Statistics | None, reference: Statistics | None) -> list[float]:
+    if stats is None or reference is None:
+        return []
+    distances = []
+    for (mean, var), (mean_ref, var_ref) in zip(stats, reference, strict=True):
+        sigma_ref = np.sqrt(var_ref)
+        distance = np.abs(mean - mean_ref) / sigma_ref + np.abs(np.sqrt(var / var_ref) - 1)
+        distances.append(float(np.mean(distance)))
+    return distances

@@ -1,0 +1,54 @@
+"""The strategies a comparison evaluates, by name, and how each is obtained.
+
+``cumulative``, ``ema:<momentum>`` and ``welford`` are tracked during training, all from
+the same batches of the same network; ``exact`` (one pass) and ``exact-layerwise`` come from
+recalibration after training; ``batch`` normalizes test batches with their own statistics.
+"""
+
+from __future__ import annotations
+
+import normstats as ns
+from normstats.estimators._base import Estimator
+
+DEFAULT = ("exact", "exact-layerwise", "cumulative", "ema:0.1", "ema:0.01", "welford", "batch")
+"""What ``normstats compare`` evaluates unless ``--strategies`` says otherwise."""
+
+CALIBRATED = ("exact", "exact-layerwise")
+"""Filled by recalibration after training (one pass / layer by layer)."""
+
+
+class StrategyError(ValueError):
+    """An unknown strategy name; the message names ``--strategies``."""
+
+
+def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Validate strategy names (a comma-separated string or a sequence), keeping their order."""
+    items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    for name in items:
+        if name in (*CALIBRATED, "batch", "cumulative", "welford"):
+            continue
+        if name.startswith("ema:"):
+            try:
+                ns.EMA(momentum=float(name[4:]))
+            except ValueError as error:
+                raise StrategyError(f"--strategies: {name!r}: {error}") from None
+            continue
+        raise StrategyError(
+            f"--strategies: unknown strategy {name!r}; expected some of {', '.join(DEFAULT)} "
+            f"(ema takes any momentum, as ema:0.05)"
+        )
+    if not items:
+        raise StrategyError("--strategies: expected at least one strategy, got none")
+    return tuple(dict.fromkeys(items))
+
+
+def tracked(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The strategies kept during training."""
+    return tuple(n for n in names if n in ("cumulative", "welford") or n.startswith("ema:"))
+
+
+def estimator(name: str) -> Estimator:
+    """A fresh estimator for a tracked strategy."""
+    if name.startswith("ema:"):
+        return ns.EMA(momentum=float(name[4:]))
+    return ns.make_stats(name)
