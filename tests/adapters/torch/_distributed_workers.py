@@ -133,8 +133,13 @@ def _run_parts(parts: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     return results
 
 
-def _np(t: torch.Tensor | None) -> np.ndarray[Any, Any] | None:
-    return None if t is None else t.detach().cpu().numpy().copy()
+def _np(t: Any) -> np.ndarray[Any, Any] | None:
+    """A NumPy copy of a tensor, an array or a number (None stays None)."""
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().numpy().copy()
+    return np.array(t)
 
 
 def _in_sync(world: int) -> bool:
@@ -309,8 +314,8 @@ def reduced_stats(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]
             result[name, kind] = {
                 "same_object": returned is stats,
                 "kind": type(stats.mean).__name__,
-                "mean": _np(stats.mean) if kind == "torch" else np.array(stats.mean),
-                "var": _np(stats.var) if kind == "torch" else np.array(stats.var),
+                "mean": _np(stats.mean),
+                "var": _np(stats.var),
                 "count": int(stats.count),
                 "num_batches": int(stats.num_batches),
             }
@@ -318,7 +323,13 @@ def reduced_stats(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]
     return result
 
 
-COLLECTIVES = ("all_gather", "all_gather_object", "all_reduce", "broadcast", "broadcast_object_list")
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_object",
+    "all_reduce",
+    "broadcast",
+    "broadcast_object_list",
+)
 
 
 def stats_faults(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]]) -> Any:

@@ -1,0 +1,550 @@
+"""The distributed part of the PyTorch adapter (DESIGN 5): real processes, gloo on 127.0.0.1.
+
+Every check runs in ranks spawned here (``torch.multiprocessing``, "spawn"), each joining a
+gloo process group on a free local port; the workers live in ``_distributed_workers`` and
+send back NumPy arrays. A spawn is slow (every process imports torch), so one spawn per world
+runs many checks, and module-scoped fixtures share its results among the tests. Nothing can
+hang: the collectives time out after 30 s, the parent waits for the results until a deadline,
+then terminates whatever is left, and a rank's traceback becomes the failure message.
+
+The references are independent of normstats and run in this (the parent) process: native
+``nn.BatchNorm*d`` in float64 over the concatenated batch, NumPy for pooled statistics, and a
+plain torch model trained on the whole batch for DDP. ``recalibrate`` over shards is compared
+with ``recalibrate`` over the whole dataset in one process (tested on its own, against hooks
+on the torch model, in ``test_recalibrate.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import queue
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402, N812
+from torch import nn  # noqa: E402
+
+import normstats as ns  # noqa: E402
+from normstats.adapters.torch import BatchNorm, convert, recalibrate  # noqa: E402
+from normstats.adapters.torch.distributed import all_reduce_stats  # noqa: E402
+
+from . import _distributed_workers as workers  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with gloo is not available",
+)
+
+DEADLINE = 120.0
+"""Seconds a spawn may take in all (a normal one takes a few)."""
+F64 = torch.float64
+TOL = {"rtol": 1e-10, "atol": 1e-12}
+C, SIDE = 3, 4
+MOMENTUM = 0.3
+
+# per step, each rank's batch size (N): uneven, and with empty ranks for the world of 3
+SIZES = {
+    2: [[5, 2], [1, 6], [3, 3], [8, 1]],
+    3: [[4, 0, 3], [2, 5, 0], [0, 0, 5], [1, 3, 2]],
+}
+# calibration batches (sizes) and which of them each rank holds: uneven; rank 1 of 3 has none
+CALIBRATION_SIZES = [3, 7, 16, 5, 9, 4]
+SHARDS = {2: [[0, 1, 2, 3], [4, 5]], 3: [[0, 1, 2], [], [3, 4, 5]]}
+
+
+# -- spawning ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(task: str, world: int, *args: Any) -> list[Any]:
+    """Run ``workers.TASKS[task]`` on ``world`` ranks; every rank's result, in rank order.
+
+    Fails with the ranks' tracebacks (or the exit codes of ranks that said nothing) if any
+    rank fails or the deadline passes; no process outlives this call.
+    """
+    ctx = mp.get_context("spawn")
+    results: queue.Queue[Any] = ctx.Queue()
+    port = free_port()
+    processes = [
+        ctx.Process(
+            target=workers.entry, args=(rank, world, port, results, task, args), daemon=True
+        )
+        for rank in range(world)
+    ]
+    reports: dict[int, tuple[bool, Any]] = {}
+    stopped: set[int | None] = set()
+    end = time.monotonic() + DEADLINE
+    try:
+        for process in processes:
+            process.start()
+        while len(reports) < world and time.monotonic() < end:
+            try:
+                rank, ok, payload = results.get(timeout=0.5)
+            except queue.Empty:
+                if not any(p.is_alive() for p in processes) and results.empty():
+                    break  # every process is gone and nothing is left to read
+                continue
+            reports[rank] = (ok, payload)
+    finally:
+        started = [p for p in processes if p.pid is not None]
+        for process in started:
+            process.join(timeout=max(0.1, min(10.0, end - time.monotonic())))
+        for process in started:
+            if process.is_alive():
+                stopped.add(process.pid)
+                process.terminate()
+                process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        results.close()
+        results.join_thread()
+    failures = []
+    for rank, process in enumerate(processes):
+        if rank not in reports:
+            why = "terminated at the deadline" if process.pid in stopped else "died"
+            failures.append(f"rank {rank}: no report ({why}, exit code {process.exitcode})")
+        elif not reports[rank][0]:
+            failures.append(f"rank {rank}:\n{reports[rank][1]}")
+    if failures:
+        pytest.fail(f"{task} on {world} ranks failed:\n" + "\n".join(failures), pytrace=False)
+    return [reports[rank][1] for rank in range(world)]
+
+
+def part(results: list[dict[str, Any]], name: str) -> list[Any]:
+    """Part ``name`` of every rank's results; fails with the traceback of a rank it failed on."""
+    errors = [
+        f"rank {rank}:\n{r[name]['error']}" for rank, r in enumerate(results) if "error" in r[name]
+    ]
+    if errors:
+        pytest.fail(f"part {name!r} raised:\n" + "\n".join(errors), pytrace=False)
+    return [r[name]["value"] for r in results]
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def layer_case(world: int, stats: str, seed: int) -> dict[str, Any]:
+    """Per step and rank: a (N, C, 4, 4) float64 batch (uneven, some empty) and loss weights."""
+    rng = np.random.default_rng(seed)
+    offset = np.array([3.0, -2.0, 0.5]).reshape(1, C, 1, 1)
+    scale = np.array([2.0, 0.5, 1.0]).reshape(1, C, 1, 1)
+    steps = [
+        [rng.normal(size=(n, C, SIDE, SIDE)) * scale + offset for n in row] for row in SIZES[world]
+    ]
+    loss_weights = [[rng.normal(size=b.shape) for b in row] for row in steps]
+    case: dict[str, Any] = {
+        "steps": steps,
+        "loss_weights": loss_weights,
+        "weight": rng.uniform(0.5, 1.5, size=C),
+        "bias": rng.normal(size=C),
+        "eval_input": rng.normal(size=(4, C, SIDE, SIDE)) * scale + offset,
+        "stats": stats,
+    }
+    if stats == "ema":
+        case["momentum"] = MOMENTUM
+    return case
+
+
+def calibration_batches() -> list[np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(7)
+    return [rng.normal(1.0, 2.0, size=(n, 2, SIDE, SIDE)) for n in CALIBRATION_SIZES]
+
+
+def initial_state(build: Any, seed: int) -> dict[str, np.ndarray[Any, Any]]:
+    torch.manual_seed(seed)
+    return workers.numpy_state(build())
+
+
+def convert_case() -> dict[str, Any]:
+    rng = np.random.default_rng(11)
+    batch = [rng.normal(size=(n, 2, SIDE, SIDE)) for n in (5, 2)]
+    return {
+        "state": initial_state(workers.plain_bn_net, 3),
+        "batch": batch,
+        "loss_weights": [rng.normal(size=(len(b), 4, SIDE, SIDE)) for b in batch],
+    }
+
+
+def recalibration_case(world: int) -> dict[str, Any]:
+    batches = calibration_batches()
+    return {
+        "state": initial_state(workers.recalibration_net, 5),
+        "shards": [[batches[i] for i in shard] for shard in SHARDS[world]],
+    }
+
+
+def welford_streams() -> list[list[np.ndarray[Any, Any]]]:
+    """Three ranks' streams of (n, 3) batches; rank 1 has none."""
+    rng = np.random.default_rng(13)
+    return [
+        [rng.normal(5.0, 2.0, size=(n, 3)) for n in (4, 7, 2)],
+        [],
+        [rng.normal(-1.0, 0.5, size=(n, 3)) for n in (9, 3)],
+    ]
+
+
+LAYER_CASES = {
+    world: {
+        f"layer_{stats}": layer_case(world, stats, seed=world * 10 + i)
+        for i, stats in enumerate(("ema", "welford"))
+    }
+    for world in (2, 3)
+}
+
+
+# -- the spawns (one per world and purpose) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layers_on_2() -> list[dict[str, Any]]:
+    others = {"convert": convert_case(), "recalibrate": recalibration_case(2)}
+    return spawn("layers", 2, LAYER_CASES[2], others)
+
+
+@pytest.fixture(scope="module")
+def layers_on_3() -> list[dict[str, Any]]:
+    return spawn("layers", 3, LAYER_CASES[3], {"recalibrate": recalibration_case(3)})
+
+
+@pytest.fixture(scope="module")
+def faults_on_3() -> list[dict[str, Any]]:
+    return spawn("faults", 3, welford_streams())
+
+
+@pytest.fixture(params=[2, 3], ids=lambda w: f"world{w}")
+def layers(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, Any]]]:
+    name = "layers_on_2" if request.param == 2 else "layers_on_3"
+    return request.param, request.getfixturevalue(name)
+
+
+# -- 1. BatchNorm(sync=True) equals one process over the concatenated batch -------------------
+
+
+def torch_reference(case: dict[str, Any]) -> dict[str, Any]:
+    """Native nn.BatchNorm2d (float64, training) on every step's concatenated batch."""
+    bn = nn.BatchNorm2d(C, momentum=case.get("momentum", 0.1), dtype=F64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(case["weight"]))
+        bn.bias.copy_(torch.from_numpy(case["bias"]))
+    out: dict[str, Any] = {"y": [], "x_grad": [], "weight_grad": [], "bias_grad": []}
+    for row, weights in zip(case["steps"], case["loss_weights"], strict=True):
+        x = torch.from_numpy(np.concatenate(row)).requires_grad_()
+        bn.zero_grad()
+        y = bn(x)
+        (y * torch.from_numpy(np.concatenate(weights))).sum().backward()
+        out["y"].append(y.detach().numpy())
+        out["x_grad"].append(x.grad.numpy())
+        out["weight_grad"].append(bn.weight.grad.numpy().copy())
+        out["bias_grad"].append(bn.bias.grad.numpy().copy())
+    out["running_mean"] = bn.running_mean.numpy()
+    out["running_var"] = bn.running_var.numpy()
+    out["num_batches_tracked"] = int(bn.num_batches_tracked)
+    bn.eval()
+    with torch.no_grad():
+        out["y_eval"] = bn(torch.from_numpy(case["eval_input"])).numpy()
+    return out
+
+
+def rank_slices(sizes: list[int]) -> list[slice]:
+    ends = np.cumsum([0, *sizes])
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(ends)]
+
+
+@pytest.mark.parametrize("stats", ["ema", "welford"])
+def test_sync_outputs_and_input_gradients_are_those_of_one_process(layers, stats):
+    world, results = layers
+    case = LAYER_CASES[world][f"layer_{stats}"]
+    ranks = part(results, f"layer_{stats}")
+    reference = torch_reference(case)
+    for step, sizes in enumerate(SIZES[world]):
+        for rank, cut in enumerate(rank_slices(sizes)):
+            assert ranks[rank]["y"][step].shape == (sizes[rank], C, SIDE, SIDE)
+            np.testing.assert_allclose(
+                ranks[rank]["y"][step],
+                reference["y"][step][cut],
+                **TOL,
+                err_msg=f"output, step {step}, rank {rank}",
+            )
+            np.testing.assert_allclose(
+                ranks[rank]["x_grad"][step],
+                reference["x_grad"][step][cut],
+                **TOL,
+                err_msg=f"input gradient, step {step}, rank {rank}",
+            )
+
+
+@pytest.mark.parametrize("stats", ["ema", "welford"])
+def test_sync_parameter_gradients_summed_over_ranks_are_those_of_one_process(layers, stats):
+    world, results = layers
+    ranks = part(results, f"layer_{stats}")
+    reference = torch_reference(LAYER_CASES[world][f"layer_{stats}"])
+    for step in range(len(SIZES[world])):
+        for name in ("weight_grad", "bias_grad"):
+            total = sum(r[name][step] for r in ranks)
+            np.testing.assert_allclose(
+                total, reference[name][step], **TOL, err_msg=f"{name}, step {step}"
+            )
+
+
+def test_sync_ema_running_statistics_are_torch_batchnorm_on_the_whole_batch(layers):
+    world, results = layers
+    ranks = part(results, "layer_ema")
+    reference = torch_reference(LAYER_CASES[world]["layer_ema"])
+    for rank, r in enumerate(ranks):
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(r[key], ranks[0][key], err_msg=f"{key}, rank {rank}")
+            np.testing.assert_allclose(r[key], reference[key], **TOL, err_msg=f"{key}, rank {rank}")
+        assert r["num_batches_tracked"] == reference["num_batches_tracked"] == len(SIZES[world])
+        np.testing.assert_allclose(r["y_eval"], reference["y_eval"], **TOL)
+
+
+def test_sync_welford_running_statistics_are_pooled_over_all_data_seen(layers):
+    world, results = layers
+    case = LAYER_CASES[world]["layer_welford"]
+    ranks = part(results, "layer_welford")
+    everything = np.concatenate([b for row in case["steps"] for b in row])
+    per_channel = everything.transpose(1, 0, 2, 3).reshape(C, -1)
+    mean, var = per_channel.mean(axis=1), per_channel.var(axis=1, ddof=1)
+    for rank, r in enumerate(ranks):
+        np.testing.assert_array_equal(r["running_mean"], ranks[0]["running_mean"])
+        np.testing.assert_array_equal(r["running_var"], ranks[0]["running_var"])
+        np.testing.assert_allclose(r["running_mean"], mean, **TOL, err_msg=f"mean, rank {rank}")
+        np.testing.assert_allclose(r["running_var"], var, **TOL, err_msg=f"var, rank {rank}")
+        assert r["num_batches_tracked"] == len(SIZES[world])
+
+
+# -- 2. recalibrate over shards is recalibrate over the whole dataset ------------------------
+
+
+def single_process_statistics(batches: list[np.ndarray[Any, Any]], **kwargs: Any) -> list[Any]:
+    model = workers.recalibration_net()
+    workers.load_numpy_state(model, recalibration_case(2)["state"])
+    model = recalibrate(
+        convert(model, stats="exact"), [torch.from_numpy(b) for b in batches], **kwargs
+    )
+    return [
+        (m.running_mean.numpy().copy(), m.running_var.numpy().copy())
+        for m in model.modules()
+        if isinstance(m, BatchNorm)
+    ]
+
+
+def assert_same_statistics(actual: list[Any], expected: list[Any], label: str) -> None:
+    assert len(actual) == len(expected) == 3, label
+    for i, ((mean, var), (ref_mean, ref_var)) in enumerate(zip(actual, expected, strict=True)):
+        np.testing.assert_allclose(mean, ref_mean, **TOL, err_msg=f"{label}: mean of layer {i}")
+        np.testing.assert_allclose(var, ref_var, **TOL, err_msg=f"{label}: var of layer {i}")
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "layerwise"])
+def test_recalibrate_over_shards_gives_every_rank_the_whole_dataset_statistics(layers, mode):
+    world, results = layers
+    ranks = part(results, "recalibrate")
+    reference = single_process_statistics(calibration_batches(), layerwise=mode == "layerwise")
+    for rank, r in enumerate(ranks):
+        assert_same_statistics(r[mode], reference, f"{mode}, rank {rank} of {world}")
+        assert r["in_sync"]
+
+
+def test_recalibrate_without_sync_gives_each_rank_its_own_shard(layers):
+    world, results = layers
+    ranks = part(results, "recalibrate")
+    batches = calibration_batches()
+    whole = single_process_statistics(batches)
+    for rank, (r, shard) in enumerate(zip(ranks, SHARDS[world], strict=True)):
+        if not shard:  # nothing of its own: refused, as in one process with no data
+            assert isinstance(r["unsynced"], str), r["unsynced"]
+            assert r["unsynced"].startswith("ValueError"), r["unsynced"]
+            continue
+        own = single_process_statistics([batches[i] for i in shard])
+        assert_same_statistics(r["unsynced"], own, f"sync=False, rank {rank} of {world}")
+        assert not np.allclose(r["unsynced"][0][0], whole[0][0], rtol=1e-6)
+
+
+# -- 3. convert: nn.SyncBatchNorm becomes a synchronized BatchNorm -----------------------------
+
+
+def test_converted_sync_batchnorm_synchronizes_across_ranks(layers_on_2):
+    ranks = part(layers_on_2, "convert")
+    case = convert_case()
+    reference = workers.plain_bn_net()
+    workers.load_numpy_state(reference, case["state"])
+    reference.train()
+    x = torch.from_numpy(np.concatenate(case["batch"])).requires_grad_()
+    y = reference(x)
+    (y * torch.from_numpy(np.concatenate(case["loss_weights"]))).sum().backward()
+    for rank, (r, cut) in enumerate(zip(ranks, rank_slices([5, 2]), strict=True)):
+        assert r["left"] == [], f"rank {rank}: SyncBatchNorm left after convert"
+        assert r["layers"] == [(True, None, "ema")] * 2, f"rank {rank}: {r['layers']}"
+        np.testing.assert_allclose(r["y"], y.detach().numpy()[cut], **TOL)
+        np.testing.assert_allclose(r["x_grad"], x.grad.numpy()[cut], **TOL)
+        for key, value in reference.state_dict().items():
+            if key.endswith(("running_mean", "running_var")):
+                np.testing.assert_allclose(r["state"][key], value.numpy(), **TOL, err_msg=key)
+    for name, parameter in reference.named_parameters():
+        total = sum(r["param_grads"][name] for r in ranks)
+        np.testing.assert_allclose(total, parameter.grad.numpy(), **TOL, err_msg=name)
+
+
+# -- 4. DDP with synchronized BatchNorm trains as one process on the whole batch -------------
+
+
+DDP_STEPS, DDP_BATCH, DDP_LR = 4, 8, 0.1
+
+
+def ddp_case() -> dict[str, Any]:
+    rng = np.random.default_rng(17)
+    return {
+        "state": initial_state(lambda: workers.small_cnn(lambda c: nn.BatchNorm2d(c)), 19),
+        "inputs": [rng.normal(size=(DDP_BATCH, 2, SIDE, SIDE)) for _ in range(DDP_STEPS)],
+        "targets": [rng.integers(0, 3, size=DDP_BATCH) for _ in range(DDP_STEPS)],
+        "lr": DDP_LR,
+    }
+
+
+def test_ddp_with_sync_batchnorm_trains_as_one_process_on_the_whole_batch():
+    case = ddp_case()
+    ranks = part(spawn("ddp", 2, case), "ddp")
+    reference = workers.small_cnn(lambda c: nn.BatchNorm2d(c, momentum=0.1))
+    workers.load_numpy_state(reference, case["state"])
+    optimizer = torch.optim.SGD(reference.parameters(), lr=DDP_LR, momentum=0.9)
+    for x, t in zip(case["inputs"], case["targets"], strict=True):
+        optimizer.zero_grad()
+        F.cross_entropy(reference(torch.from_numpy(x)), torch.from_numpy(t)).backward()
+        optimizer.step()
+    expected = reference.state_dict()
+    initial = case["state"]
+    for rank, r in enumerate(ranks):
+        for key, value in expected.items():
+            np.testing.assert_allclose(
+                r[key], value.numpy(), rtol=1e-10, atol=1e-10, err_msg=f"{key}, rank {rank}"
+            )
+        # the training moved the weights (the comparison is not between two initial states)
+        assert not np.allclose(r["0.weight"], initial["0.weight"])
+
+
+# -- 5. faults: every rank raises the same error, nothing hangs ---------------------------------
+
+
+def test_channels_differing_across_ranks_raise_on_every_rank_naming_them(faults_on_3):
+    for rank, r in enumerate(part(faults_on_3, "channels")):
+        message = r["channels"]
+        assert message.startswith("ValueError"), f"rank {rank}: {message}"
+        assert "rank 0: 4D, 3 channels" in message, message
+        assert "rank 1: 4D, 4 channels" in message, message
+        count, mean, var = r["channels_untouched"]
+        assert count == 0
+        np.testing.assert_array_equal(mean, np.zeros_like(mean))
+        np.testing.assert_array_equal(var, np.ones_like(var))
+        assert r["channels_in_sync"]
+
+
+def test_input_ranks_differing_across_ranks_raise_on_every_rank_naming_them(faults_on_3):
+    for rank, r in enumerate(part(faults_on_3, "channels")):
+        message = r["input_rank"]
+        assert message.startswith("ValueError"), f"rank {rank}: {message}"
+        assert "rank 0: 2D" in message, message
+        assert "rank 1: 4D" in message, message
+        assert r["input_rank_in_sync"]
+
+
+def one_estimator(cls: type, streams: list[list[np.ndarray[Any, Any]]]) -> Any:
+    stats = cls()
+    for stream in streams:
+        for batch in stream:
+            stats.update(batch)
+    return stats
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("name", sorted(workers.ESTIMATORS))
+def test_all_reduce_stats_is_one_estimator_fed_every_stream(faults_on_3, name, kind):
+    streams = welford_streams()
+    reference = one_estimator(workers.ESTIMATORS[name], streams)
+    ranks = part(faults_on_3, "all_reduce_stats")
+    for rank, r in enumerate(ranks):
+        got = r[name, kind]
+        assert got["same_object"]
+        assert got["count"] == reference.count
+        assert got["num_batches"] == reference.num_batches
+        np.testing.assert_allclose(got["mean"], reference.mean, **TOL, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(got["var"], reference.var, **TOL, err_msg=f"rank {rank}")
+        np.testing.assert_array_equal(got["mean"], ranks[0][name, kind]["mean"])
+        if streams[rank]:  # the state comes back where it was
+            assert got["kind"] == ("Tensor" if kind == "torch" else "ndarray"), got["kind"]
+        assert r["in_sync"]
+
+
+def test_all_reduce_stats_refuses_ema_on_every_rank_before_communicating(faults_on_3):
+    for rank, r in enumerate(part(faults_on_3, "stats_faults")):
+        for debias in (False, True):
+            outcome = r["ema", debias]
+            assert outcome.startswith("TypeError"), f"rank {rank}, debias={debias}: {outcome}"
+            assert "ExponentialMovingAverage" in outcome, outcome
+            assert r["ema_untouched", debias]
+        assert r["ema_in_sync"]
+
+
+def test_all_reduce_stats_feature_shapes_differing_raise_on_every_rank(faults_on_3):
+    for rank, r in enumerate(part(faults_on_3, "stats_faults")):
+        message = r["shapes"]
+        assert message.startswith("ValueError"), f"rank {rank}: {message}"
+        assert "rank 0: (3,)" in message, message
+        assert "rank 1: (4,)" in message, message
+        assert r["shapes_untouched"]
+        assert r["shapes_in_sync"]
+
+
+# -- 6. without a process group, sync=True is world size 1 ------------------------------------
+
+
+def test_sync_without_process_group_behaves_as_unsynchronized():
+    assert not dist.is_initialized()
+    rng = np.random.default_rng(23)
+    for stats in ("ema", "welford", "cumulative"):
+        synced = BatchNorm(C, stats=stats, sync=True, dtype=F64)
+        local = BatchNorm(C, stats=stats, sync=False, dtype=F64)
+        for n in (4, 1, 6):
+            data = torch.from_numpy(rng.normal(2.0, 3.0, size=(n, C, SIDE, SIDE)))
+            x_sync, x_local = data.clone().requires_grad_(), data.clone().requires_grad_()
+            y_sync, y_local = synced(x_sync), local(x_local)
+            weights = torch.from_numpy(rng.normal(size=tuple(data.shape)))
+            (y_sync * weights).sum().backward()
+            (y_local * weights).sum().backward()
+            torch.testing.assert_close(y_sync, y_local, rtol=0, atol=0)
+            torch.testing.assert_close(x_sync.grad, x_local.grad, rtol=0, atol=0)
+        for (key, a), (_, b) in zip(
+            synced.state_dict().items(), local.state_dict().items(), strict=True
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{stats}: {key}")
+        torch.testing.assert_close(synced.weight.grad, local.weight.grad, rtol=0, atol=0)
+        synced.eval()
+        local.eval()
+        probe = torch.from_numpy(rng.normal(size=(3, C, SIDE, SIDE)))
+        torch.testing.assert_close(synced(probe), local(probe), rtol=0, atol=0)
+
+
+def test_all_reduce_stats_without_process_group_leaves_the_estimator_alone():
+    assert not dist.is_initialized()
+    stats = ns.Welford()
+    stats.update(np.arange(12.0).reshape(4, 3))
+    before = copy.deepcopy(stats.state_dict())
+    assert all_reduce_stats(stats) is stats
+    for key, value in stats.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+    with pytest.raises(TypeError, match="ExponentialMovingAverage"):
+        all_reduce_stats(ns.ExponentialMovingAverage())
