@@ -9,7 +9,6 @@ backend :class:`normstats.adapters.torch.BatchNorm`.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -175,7 +174,14 @@ class _Fixed(ns.Welford):
 
 
 class TorchRun:
-    """An MLP or a CNN of the torch adapter; tracked strategies step on the layers' batches."""
+    """An MLP or a CNN of the torch adapter.
+
+    Its BatchNorm layers are ``"exact"`` ones, which train with batch statistics and keep
+    nothing; a forward pre-hook hands every training batch's input moments (the core's
+    float64 reduction) to the tracked strategies, which step on the host, where the small
+    per-channel updates are cheapest. Evaluating a strategy writes its statistics into the
+    layers as a calibration.
+    """
 
     def __init__(self, data: Dataset, model: str, seed: int, tracked: tuple[str, ...]) -> None:
         import torch
@@ -188,36 +194,25 @@ class TorchRun:
         self.norms = [m for m in self.model.modules() if isinstance(m, BatchNorm)]
         self.data = data
         self.generator = torch.Generator().manual_seed(seed)
-        self.X_train = torch.as_tensor(data.X_train, dtype=torch.float32).reshape(
-            len(data.X_train), *self._sample_shape(model)
-        )
+        shape = data.image_shape if model == "cnn" else (data.X_train.shape[1],)
+        self.X_train = torch.as_tensor(data.X_train, dtype=torch.float32).reshape(-1, *shape)
         self.y_train = torch.as_tensor(data.y_train)
-        self.X_test = torch.as_tensor(data.X_test, dtype=torch.float32).reshape(
-            len(data.X_test), *self._sample_shape(model)
-        )
+        self.X_test = torch.as_tensor(data.X_test, dtype=torch.float32).reshape(-1, *shape)
         self.y_test = torch.as_tensor(data.y_test)
-        self.tracked: list[dict[str, Any]] = []
+        self.fanouts = [FanOut(tracked) for _ in self.norms]
         self.tracking = True
-        for norm in self.norms:
-            states = {
-                name: (s := strategies.estimator(name), s.initial_state(_zeros(torch, norm)))
-                for name in tracked
-            }
-            self.tracked.append(states)
-            norm.fold_batch = self._folding(norm.fold_batch, states)  # type: ignore[method-assign]
+        for norm, fanout in zip(self.norms, self.fanouts, strict=True):
+            norm.register_forward_pre_hook(self._tracker(fanout))
         self.optimizer: Any = None
 
-    def _sample_shape(self, model: str) -> tuple[int, ...]:
-        return self.data.image_shape if model == "cnn" else (self.data.X_train.shape[1],)
+    def _tracker(self, fanout: FanOut) -> Any:
+        def track(module: Any, args: Any) -> None:
+            if self.tracking and module.training and module._calibration is None:
+                x = args[0].detach().cpu().numpy()
+                axes = tuple(d for d in range(x.ndim) if d != 1)
+                fanout.update_moments(ns.Moments.from_array(x, axis=axes))
 
-    def _folding(self, fold: Any, states: dict[str, Any]) -> Any:
-        def fold_everywhere(batch: Any) -> None:
-            fold(batch)
-            if self.tracking:
-                for name, (estimator, state) in states.items():
-                    states[name] = (estimator, estimator.step(state, batch))
-
-        return fold_everywhere
+        return track
 
     def train_epochs(self, epochs: int, batch_size: int, lr: float) -> None:
         torch = self.torch
@@ -249,15 +244,21 @@ class TorchRun:
                 for norm in self.norms
             ]
         found: Statistics = []
-        with torch.no_grad():
-            for norm, states in zip(self.norms, self.tracked, strict=True):
-                estimator, state = states[strategy]
-                mean, var = estimator.estimate(state)
-                assert norm.running_mean is not None  # tracked layers keep running buffers
-                assert norm.running_var is not None
-                norm.running_mean.copy_(mean)
-                norm.running_var.copy_(var)
-                found.append((mean.cpu().numpy(), var.cpu().numpy()))
+        for norm, fanout in zip(self.norms, self.fanouts, strict=True):
+            estimator = fanout.estimators[strategy]
+            mean, var = np.asarray(estimator.mean), np.asarray(estimator.var)
+            found.append((mean, var))
+            count = max(estimator.count, 2)
+            mean_t = torch.as_tensor(mean, dtype=torch.float64)
+            norm.load_calibration(  # make these the layer's statistics
+                {
+                    "count": count,
+                    "num_batches": 1,
+                    "mean_origin": mean_t,
+                    "mean_offset": mean_t * 0,
+                    "m2": torch.as_tensor(var, dtype=torch.float64) * (count - 1),
+                }
+            )
         return found
 
     def accuracy(self, strategy: str, batch_size: int) -> float:
@@ -265,7 +266,6 @@ class TorchRun:
         X, y = self.X_test, self.y_test
         with torch.no_grad():
             if strategy == "batch":  # test batches normalized with their own statistics
-                saved = copy.deepcopy(self.model.state_dict())
                 self.model.eval()
                 self.tracking = False
                 for norm in self.norms:
@@ -276,7 +276,6 @@ class TorchRun:
                         for i in batches(len(X), batch_size)
                     )
                 finally:
-                    self.model.load_state_dict(saved)
                     self.tracking = True
                 return correct / len(X)
             self.model.eval()
@@ -286,11 +285,7 @@ class TorchRun:
         return [self.X_train[i] for i in batches(len(self.X_train), batch_size)]
 
     def restore_training_statistics(self) -> None:
-        """Nothing to do: the tracked states live beside the layers."""
-
-
-def _zeros(torch: Any, norm: Any) -> Any:
-    return torch.zeros(norm.num_features, dtype=torch.float64, device=norm.running_mean.device)
+        """Nothing to do: the tracked strategies live beside the layers."""
 
 
 def _torch_model(data: Dataset, model: str) -> Any:
@@ -302,7 +297,7 @@ def _torch_model(data: Dataset, model: str) -> Any:
         widths = (data.X_train.shape[1], *HIDDEN)
         layers: list[nn.Module] = []
         for fan_in, fan_out in itertools.pairwise(widths):
-            layers += [nn.Linear(fan_in, fan_out), BatchNorm(fan_out, stats="welford"), nn.ReLU()]
+            layers += [nn.Linear(fan_in, fan_out), BatchNorm(fan_out, stats="exact"), nn.ReLU()]
         return nn.Sequential(*layers, nn.Linear(widths[-1], data.num_classes))
     if model != "cnn":
         raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
@@ -314,7 +309,7 @@ def _torch_model(data: Dataset, model: str) -> Any:
     for fan_in, fan_out in itertools.pairwise(channel_widths):
         layers += [
             conv(fan_in, fan_out, 3, padding=1),
-            BatchNorm(fan_out, stats="welford"),
+            BatchNorm(fan_out, stats="exact"),
             nn.ReLU(),
         ]
     return nn.Sequential(

@@ -67,38 +67,122 @@ def compare(
     lr: float = 0.1,
     strategies: str | list[str] | tuple[str, ...] = strategy_names.DEFAULT,
     calibration_batch_size: int | None = None,
+    workers: int = 1,
     progress: Any = None,
     timings: Timings | None = None,
 ) -> list[Record]:
     """Train BatchNorm networks and evaluate every strategy; return one record per
-    backend, batch size, seed, training length and strategy."""
+    backend, batch size, seed, training length and strategy.
+
+    ``workers`` > 1 trains in that many processes (one task per backend and batch size);
+    the records do not depend on it. ``progress`` (a tqdm bar) is advanced per network.
+    """
     names = strategy_names.parse(strategies)
     for backend in backends:
         if backend not in BACKENDS:
             raise ValueError(f"--backend: expected torch, numpy or both, got {backend!r}")
     if model not in ("mlp", "cnn"):
         raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
-    data = load(dataset)
+    if "numpy" in backends and model != "mlp":
+        raise ValueError(
+            "--model: the numpy backend builds MLPs only (its layer kit has no convolutions); "
+            "use --backend torch for --model cnn"
+        )
+    load(dataset)  # fail early, in this process, on a bad dataset
     timings = timings if timings is not None else Timings()
+    tasks = [
+        _Task(
+            dataset,
+            backend,
+            model,
+            batch_size,
+            seeds,
+            tuple(sorted(set(epochs))),
+            lr,
+            names,
+            calibration_batch_size,
+        )
+        for backend in backends
+        for batch_size in sorted(batch_sizes, reverse=True)[::-1]
+    ]
+    tasks.sort(key=lambda task: task.batch_size)  # the slowest (smallest batches) first
     records: list[Record] = []
-    for backend in backends:
-        for batch_size in batch_sizes:
-            for seed in range(seeds):
-                records += _one_network(
-                    data,
-                    backend,
-                    model,
-                    batch_size,
-                    seed,
-                    sorted(set(epochs)),
-                    lr,
-                    names,
-                    calibration_batch_size or batch_size,
-                    timings,
-                )
+    if workers <= 1:
+        for task in tasks:
+            found, spent = task.run(progress)
+            records += found
+            _add(timings, spent)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [pool.submit(task.run) for task in tasks]
+            for future in as_completed(futures):
+                found, spent = future.result()
+                records += found
+                _add(timings, spent)
                 if progress is not None:
-                    progress.update(1)
+                    progress.update(seeds)
+    order = {(b, n): i for i, (b, n) in enumerate((t.backend, t.batch_size) for t in tasks)}
+    records.sort(key=lambda r: (order[(r.backend, r.batch_size)], r.seed, r.epochs))
     return records
+
+
+@attrs.frozen
+class _Task:
+    """Every seed of one backend and batch size (what one worker process runs)."""
+
+    dataset: str
+    backend: str
+    model: str
+    batch_size: int
+    seeds: int
+    epochs: tuple[int, ...]
+    lr: float
+    names: tuple[str, ...]
+    calibration_batch_size: int | None
+
+    def run(self, progress: Any = None) -> tuple[list[Record], dict[tuple[str, str], float]]:
+        _pin_threads()
+        data = load(self.dataset)
+        timings = Timings()
+        records: list[Record] = []
+        for seed in range(self.seeds):
+            records += _one_network(
+                data,
+                self.backend,
+                self.model,
+                self.batch_size,
+                seed,
+                list(self.epochs),
+                self.lr,
+                self.names,
+                self.calibration_batch_size or self.batch_size,
+                timings,
+            )
+            if progress is not None:
+                progress.update(1)
+        return records, dict(timings.seconds)
+
+
+def _pin_threads() -> None:
+    """One BLAS and one torch thread per process: the fastest here on small networks."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+def _add(timings: Timings, spent: dict[tuple[str, str], float]) -> None:
+    for key, seconds in spent.items():
+        timings.seconds[key] += seconds
 
 
 def _one_network(
