@@ -1,7 +1,7 @@
 # normstats — every target sets itself up on a fresh machine.
 #   make test     lint, type-check and run the whole test suite (what CI runs)
 #   make bench    run the benchmarks in benchmarks/ and print their ratios
-#   make compare  the strategy comparison on real data (issue 6)
+#   make compare  the strategy comparison on real data (results/ and a table)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest bench install clean
+.PHONY: test lint typecheck pytest bench compare install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/torch_bn.py
 	$(BIN)/python benchmarks/distributed.py
+
+compare: $(STAMP)
+	$(BIN)/normstats compare
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
