@@ -283,12 +283,15 @@ class BatchNorm(nn.Module):
                 count, m2, n, row[: self.num_features] - mean, row[self.num_features :]
             )
             mean, count = mean + step, count + n
+        # per-channel scale and shift, so the activations are touched twice, not four times
         shape = [1, self.num_features] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(m2 / total + self.eps).view(shape)
+        scale = torch.rsqrt(m2 / total + self.eps)
         if self.weight is not None:
-            y = y * self.weight.view(shape)
+            scale = scale * self.weight
+        shift = -mean * scale
         if self.bias is not None:
-            y = y + self.bias.view(shape)
+            shift = shift + self.bias
+        y = torch.addcmul(shift.view(shape), x, scale.view(shape))
         if self.strategy is not None and not isinstance(self.strategy, ExactFullPass):
             moments = (mean.detach().to(STATS_DTYPE), m2.detach().to(STATS_DTYPE))
             self.fold_batch(ShiftedMoments(total, None, *moments, finite=True))
