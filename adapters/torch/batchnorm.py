@@ -307,13 +307,11 @@ class BatchNorm(nn.Module):
             )
         # the kernel wants running buffers of the module's dtype (float32 under autocast)
         scratch = self.running_mean.dtype if self.running_mean is not None else x.dtype
-        batch_mean = torch.zeros(self.num_features, dtype=scratch, device=x.device)
-        batch_var = torch.zeros(self.num_features, dtype=scratch, device=x.device)
+        moments = torch.zeros(2, self.num_features, dtype=scratch, device=x.device)
         # momentum=1.0: the kernel writes the batch mean and unbiased variance into them
-        y = F.batch_norm(x, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps)
-        mean = batch_mean.detach().to(STATS_DTYPE)
-        m2 = batch_var.detach().to(STATS_DTYPE) * (count - 1)
-        return y, ShiftedMoments(count, None, mean, m2, finite=True)
+        y = F.batch_norm(x, moments[0], moments[1], self.weight, self.bias, True, 1.0, self.eps)
+        mean, var = moments.to(STATS_DTYPE)
+        return y, ShiftedMoments(count, None, mean, var * (count - 1), finite=True)
 
     @torch.no_grad()
     def fold_batch(self, batch: ShiftedMoments) -> None:
@@ -335,8 +333,8 @@ class BatchNorm(nn.Module):
         new = strategy.step(state.state(), batch)
         state.assign(new, finite)
         self._set_running(new, finite)
-        tracked.add_(finite.long())
-        skipped.add_((~finite).long())
+        tracked.add_(finite)
+        skipped.add_(~finite)
 
     def _set_running(self, state: State, keep: Tensor | None = None) -> None:
         """``running_mean``/``running_var`` := the strategy's estimate of ``state``."""
