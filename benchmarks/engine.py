@@ -55,7 +55,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import threadpoolctl
+from _pinning import import_torch, pin_threads
 
 import normstats as ns
 from normstats import functional
@@ -112,34 +112,6 @@ class Timing:
 
 
 # -- set-up --------------------------------------------------------------------------------
-
-
-def import_torch() -> ModuleType:
-    """Import torch before pinning threads: threadpoolctl only limits pools already loaded."""
-    try:
-        import torch
-    except ImportError as error:
-        raise SystemExit(
-            f"benchmarks/engine.py needs torch ({error}); run `make install`"
-        ) from None
-    return torch
-
-
-def pin_threads(torch: ModuleType) -> threadpoolctl.threadpool_limits:
-    """Limit BLAS/OpenMP pools and torch to one thread; print what was pinned.
-
-    The returned limiter must stay alive for the limits to hold.
-    """
-    limiter = threadpoolctl.threadpool_limits(limits=1)
-    for pool in threadpoolctl.threadpool_info():
-        library = os.path.basename(pool["filepath"])
-        print(
-            f"pinned: {pool['user_api']:<6} {pool['internal_api']:<8} {library:<44} "
-            f"num_threads={pool['num_threads']}"
-        )
-    torch.set_num_threads(1)
-    print(f"pinned: torch.set_num_threads(1), torch.get_num_threads() = {torch.get_num_threads()}")
-    return limiter
 
 
 def describe_machine(torch: ModuleType, repeats: int) -> None:
@@ -382,7 +354,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    torch = import_torch()
+    torch = import_torch("benchmarks/engine.py")
     limiter = pin_threads(torch)
     describe_machine(torch, args.repeats)
 

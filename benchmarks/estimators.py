@@ -56,7 +56,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import threadpoolctl
+from _pinning import pin_threads
 
 import normstats as ns
 
@@ -134,26 +134,6 @@ def import_peers() -> Peers:
         welford=optional_import("welford"),
         sklearn_preprocessing=optional_import("sklearn.preprocessing"),
     )
-
-
-def pin_threads(torch: ModuleType | None) -> threadpoolctl.threadpool_limits:
-    """Limit BLAS/OpenMP pools and torch to one thread; print what was pinned.
-
-    The returned limiter must stay alive for the limits to hold.
-    """
-    limiter = threadpoolctl.threadpool_limits(limits=1)
-    for pool in threadpoolctl.threadpool_info():
-        library = os.path.basename(pool["filepath"])
-        print(
-            f"pinned: {pool['user_api']:<6} {pool['internal_api']:<8} {library:<44} "
-            f"num_threads={pool['num_threads']}"
-        )
-    if torch is not None:
-        torch.set_num_threads(1)
-        print(
-            f"pinned: torch.set_num_threads(1), torch.get_num_threads() = {torch.get_num_threads()}"
-        )
-    return limiter
 
 
 def describe_machine(peers: Peers, repeats: int) -> None:

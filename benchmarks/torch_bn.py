@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-import threadpoolctl
+from _pinning import import_torch, pin_threads
 
 STRATEGIES = ("ema", "cumulative", "welford", "exact")
 TORCH = "nn.BatchNorm2d"
@@ -150,34 +150,6 @@ class Result:
 
 
 # -- set-up --------------------------------------------------------------------------------
-
-
-def import_torch() -> ModuleType:
-    """Import torch before pinning threads: threadpoolctl only limits pools already loaded."""
-    try:
-        import torch
-    except ImportError as error:
-        raise SystemExit(
-            f"benchmarks/torch_bn.py needs torch ({error}); run `make install`"
-        ) from None
-    return torch
-
-
-def pin_threads(torch: ModuleType) -> threadpoolctl.threadpool_limits:
-    """Limit OpenMP/BLAS pools and torch to one thread; print what was pinned.
-
-    The returned limiter must stay alive for the limits to hold.
-    """
-    limiter = threadpoolctl.threadpool_limits(limits=1)
-    for pool in threadpoolctl.threadpool_info():
-        library = os.path.basename(pool["filepath"])
-        print(
-            f"pinned: {pool['user_api']:<6} {pool['internal_api']:<8} {library:<44} "
-            f"num_threads={pool['num_threads']}"
-        )
-    torch.set_num_threads(1)
-    print(f"pinned: torch.set_num_threads(1), torch.get_num_threads() = {torch.get_num_threads()}")
-    return limiter
 
 
 def cpu_name() -> str:
@@ -542,7 +514,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = QUICK if args.quick else DEFAULT
-    torch = import_torch()
+    torch = import_torch("benchmarks/torch_bn.py")
     limiter = pin_threads(torch)
     found = devices(torch)
     describe_machine(torch, found, settings)

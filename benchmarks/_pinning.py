@@ -1,0 +1,39 @@
+"""Thread pinning shared by the benchmarks: one BLAS/OpenMP thread and one torch thread, so
+that figures hold on a busy 2-core machine. Import torch first: threadpoolctl only limits
+pools that are already loaded."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import threadpoolctl
+
+
+def import_torch(script: str) -> ModuleType:
+    """torch, or a clear exit saying how to install it."""
+    try:
+        import torch
+    except ImportError as error:
+        raise SystemExit(f"{script} needs torch ({error}); run `make install`") from None
+    return torch
+
+
+def pin_threads(torch: ModuleType | None) -> threadpoolctl.threadpool_limits:
+    """Limit BLAS/OpenMP pools and torch to one thread; print what was pinned.
+
+    The returned limiter must stay alive for the limits to hold.
+    """
+    limiter = threadpoolctl.threadpool_limits(limits=1)
+    for pool in threadpoolctl.threadpool_info():
+        library = os.path.basename(pool["filepath"])
+        print(
+            f"pinned: {pool['user_api']:<6} {pool['internal_api']:<8} {library:<44} "
+            f"num_threads={pool['num_threads']}"
+        )
+    if torch is not None:
+        torch.set_num_threads(1)
+        print(
+            f"pinned: torch.set_num_threads(1), torch.get_num_threads() = {torch.get_num_threads()}"
+        )
+    return limiter
