@@ -146,7 +146,7 @@ class NumpyRun:
                     norm.stats = stats
             return correct / len(X)
         self.model.eval()
-        return float((self.model.forward(X).argmax(1) == y).mean())
+        return int((self.model.forward(X).argmax(1) == y).sum()) / len(y)
 
     def calibration_batches(self, batch_size: int) -> list[Any]:
         X = self.data.X_train
@@ -279,7 +279,7 @@ class TorchRun:
                     self.tracking = True
                 return correct / len(X)
             self.model.eval()
-            return float((self.model(X).argmax(1) == y).float().mean())
+            return int((self.model(X).argmax(1) == y).sum()) / len(y)
 
     def calibration_batches(self, batch_size: int) -> list[Any]:
         return [self.X_train[i] for i in batches(len(self.X_train), batch_size)]

@@ -13,20 +13,29 @@ from . import strategies
 from .data import DatasetError
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, least: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < least:
+        raise argparse.ArgumentTypeError(f"expected integers >= {least}, got {text!r}")
     return values
 
 
 def _positive(text: str) -> int:
     return _int_list(text)[0]
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """Batch sizes: BatchNorm needs two samples per batch to train."""
+    return _int_list(text, least=2)
+
+
+def _batch_size(text: str) -> int:
+    return _batch_sizes(text)[0]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--backend", default="both", choices=["torch", "numpy", "both"])
     compare.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
-    compare.add_argument("--batch-sizes", type=_int_list, default=[2, 4, 8, 16, 32, 64, 128, 256])
+    compare.add_argument(
+        "--batch-sizes", type=_batch_sizes, default=[2, 4, 8, 16, 32, 64, 128, 256]
+    )
     compare.add_argument("--seeds", type=_positive, default=5, help="seeds per configuration")
     compare.add_argument(
         "--epochs", type=_int_list, default=[5], help="training length; a list (5,20) sweeps it"
@@ -63,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--strategies", default=",".join(strategies.DEFAULT))
     compare.add_argument(
         "--calibration-batch-size",
-        type=_positive,
+        type=_batch_size,
         default=None,
         help="batch size of the exact full pass (default: the training batch size)",
     )

@@ -76,26 +76,40 @@ def _npz(path: Path, seed: int) -> Dataset:
             f"--dataset: {path}: no such file (expected 'digits', 'mnist1d' or an .npz path)"
         )
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("X", "y") if k not in data]
-            if missing:
-                raise DatasetError(
-                    f"--dataset: {path}: expected arrays 'X' and 'y', missing {missing} "
-                    f"(found {sorted(data.files)})"
-                )
-            X, y = data["X"], data["y"]
-    except DatasetError:
-        raise
-    except (OSError, ValueError) as error:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
         raise DatasetError(f"--dataset: {path}: not a readable .npz file ({error})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DatasetError(f"--dataset: {path}: expected an .npz archive of X and y, got one array")
+    with loaded as data:
+        missing = [k for k in ("X", "y") if k not in data]
+        if missing:
+            raise DatasetError(
+                f"--dataset: {path}: expected arrays 'X' and 'y', missing {missing} "
+                f"(found {sorted(data.files)})"
+            )
+        try:
+            X, y = data["X"], data["y"]
+        except ValueError as error:  # object arrays, which need pickle
+            raise DatasetError(
+                f"--dataset: {path}: X and y must be numeric arrays ({error})"
+            ) from None
     if len(X) != len(y):
         raise DatasetError(f"--dataset: {path}: X has {len(X)} rows but y has {len(y)} labels")
     if not np.issubdtype(X.dtype, np.number):
         raise DatasetError(f"--dataset: {path}: X must be numeric, got dtype {X.dtype}")
     if not np.issubdtype(y.dtype, np.integer):
         raise DatasetError(f"--dataset: {path}: y must hold integer class labels, got {y.dtype}")
+    if len(y) == 0:
+        raise DatasetError(f"--dataset: {path}: expected samples, got none")
     if y.min() < 0:
         raise DatasetError(f"--dataset: {path}: y must hold labels 0..K-1, got {y.min()}")
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    if smallest < 2:
+        raise DatasetError(
+            f"--dataset: {path}: every class needs at least 2 samples for a stratified "
+            f"train/test split, got a class with {smallest}"
+        )
     shape = (1, *X.shape[1:]) if X.ndim > 2 else (1, X.shape[1])
     return _split(
         str(path), X.reshape(len(X), -1).astype(np.float64), y.astype(np.int64), shape, seed
@@ -108,9 +122,14 @@ def _split(
     """A stratified 75/25 split (fixed seed), then standardization."""
     from sklearn.model_selection import train_test_split
 
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.25, random_state=seed, stratify=y
-    )
+    try:
+        X_train, X_test, y_train, y_test = train_test_split(
+            X, y, test_size=0.25, random_state=seed, stratify=y
+        )
+    except ValueError as error:
+        raise DatasetError(
+            f"--dataset: {name}: cannot split into train and test ({error})"
+        ) from None
     return _standardized(name, X_train, y_train, X_test, y_test, shape)
 
 

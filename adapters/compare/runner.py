@@ -8,9 +8,11 @@ from the exact full-pass statistics is measured per layer.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -78,6 +80,16 @@ def compare(
     the records do not depend on it. ``progress`` (a tqdm bar) is advanced per network.
     """
     names = strategy_names.parse(strategies)
+    for option, values, least in (
+        ("--batch-sizes", batch_sizes, 2),
+        ("--epochs", epochs, 1),
+        ("--seeds", [seeds], 1),
+        ("--calibration-batch-size", [calibration_batch_size or 2], 2),
+    ):
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < least]
+        if bad or not values:
+            raise ValueError(f"{option}: expected integers >= {least}, got {list(values)}")
+    batch_sizes = sorted(set(batch_sizes))
     for backend in backends:
         if backend not in BACKENDS:
             raise ValueError(f"--backend: expected torch, numpy or both, got {backend!r}")
@@ -103,7 +115,7 @@ def compare(
             calibration_batch_size,
         )
         for backend in backends
-        for batch_size in sorted(batch_sizes, reverse=True)[::-1]
+        for batch_size in batch_sizes
     ]
     tasks.sort(key=lambda task: task.batch_size)  # the slowest (smallest batches) first
     records: list[Record] = []
@@ -146,38 +158,49 @@ class _Task:
     calibration_batch_size: int | None
 
     def run(self, progress: Any = None) -> tuple[list[Record], dict[tuple[str, str], float]]:
-        _pin_threads()
         data = load(self.dataset)
         timings = Timings()
         records: list[Record] = []
-        for seed in range(self.seeds):
-            records += _one_network(
-                data,
-                self.backend,
-                self.model,
-                self.batch_size,
-                seed,
-                list(self.epochs),
-                self.lr,
-                self.names,
-                self.calibration_batch_size or self.batch_size,
-                timings,
-            )
-            if progress is not None:
-                progress.update(1)
+        with _one_thread(torch_too=self.backend == "torch"):
+            for seed in range(self.seeds):
+                records += _one_network(
+                    data,
+                    self.backend,
+                    self.model,
+                    self.batch_size,
+                    seed,
+                    list(self.epochs),
+                    self.lr,
+                    self.names,
+                    self.calibration_batch_size or self.batch_size,
+                    timings,
+                )
+                if progress is not None:
+                    progress.update(1)
         return records, dict(timings.seconds)
 
 
-def _pin_threads() -> None:
-    """One BLAS and one torch thread per process: the fastest here on small networks."""
+@contextlib.contextmanager
+def _one_thread(torch_too: bool) -> Iterator[None]:
+    """One BLAS and one torch thread (the fastest here on small networks); restored after.
+
+    The same thread counts wherever a network trains (in this process or a worker), so
+    its records do not depend on ``workers``.
+    """
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(1)
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(1)
+    if torch_too:
+        import torch as _torch  # noqa: F401 - loaded before the limits, so they apply to it
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    with threadpool_limits(1):
+        if torch is not None:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if torch is not None and threads is not None:
+                torch.set_num_threads(threads)
 
 
 def _add(timings: Timings, spent: dict[tuple[str, str], float]) -> None:

@@ -1,0 +1,1 @@
+"""Tests of the comparison (``normstats.adapters.compare``, ``normstats compare``)."""
