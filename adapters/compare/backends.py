@@ -17,13 +17,24 @@ import numpy as np
 
 import normstats as ns
 
-from ..numpy import Linear, ReLU, Sequential, recalibrate, softmax_cross_entropy
+from ..numpy import (
+    Conv,
+    GlobalAveragePool,
+    Linear,
+    ReLU,
+    Sequential,
+    recalibrate,
+    softmax_cross_entropy,
+)
 from ..numpy.training import SGD
 from . import strategies
 from .data import Dataset
 
 HIDDEN = (128, 64)
 """Widths of the MLP's hidden layers (each Linear -> BatchNorm -> ReLU)."""
+CHANNELS = (16, 32, 32)
+"""Channels of the CNN's blocks (each 3-wide Conv -> BatchNorm -> ReLU), then global
+average pooling and a Linear classifier."""
 
 Statistics = list[tuple[Any, Any]]
 """(mean, unbiased var) per BatchNorm layer, float64."""
@@ -73,33 +84,45 @@ class FanOut(ns.Welford):
 
 
 class NumpyRun:
-    """An MLP of the NumPy adapter (the NumPy backend has no convolution layers)."""
+    """An MLP or a CNN of the NumPy adapter, the same architectures as the torch backend's."""
 
     def __init__(self, data: Dataset, model: str, seed: int, tracked: tuple[str, ...]) -> None:
-        if model != "mlp":
-            raise ValueError(
-                "--model: the numpy backend builds MLPs only (its layer kit has no "
-                "convolutions); use --backend torch for --model cnn"
-            )
         rng = np.random.default_rng(seed)
-        widths = (data.X_train.shape[1], *HIDDEN)
         layers: list[Any] = []
         self.norms: list[ns.BatchNorm] = []
-        for fan_in, fan_out in itertools.pairwise(widths):
-            norm = ns.BatchNorm(fan_out, stats="welford")
-            norm.stats = FanOut(tracked)
-            self.norms.append(norm)
-            layers += [Linear(fan_in, fan_out, rng=rng), norm, ReLU()]
+        if model == "mlp":
+            widths: tuple[int, ...] = (data.X_train.shape[1], *HIDDEN)
+            self.sample_shape: tuple[int, ...] = (data.X_train.shape[1],)
+            for fan_in, fan_out in itertools.pairwise(widths):
+                layers += [Linear(fan_in, fan_out, rng=rng), self._norm(fan_out, tracked), ReLU()]
+        elif model == "cnn":
+            widths = (data.image_shape[0], *CHANNELS)
+            self.sample_shape = data.image_shape
+            dims = len(data.image_shape) - 1
+            for fan_in, fan_out in itertools.pairwise(widths):
+                conv = Conv(fan_in, fan_out, 3, dims=dims, padding=1, rng=rng)
+                layers += [conv, self._norm(fan_out, tracked), ReLU()]
+            layers.append(GlobalAveragePool())
+        else:
+            raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
         layers.append(Linear(widths[-1], data.num_classes, rng=rng))
         self.model = Sequential(*layers)
         self.data, self.rng = data, rng
+        self.X_train = data.X_train.reshape(-1, *self.sample_shape)
+        self.X_test = data.X_test.reshape(-1, *self.sample_shape)
         self.fanouts = [norm.stats for norm in self.norms]
         self.optimizer: SGD | None = None
+
+    def _norm(self, features: int, tracked: tuple[str, ...]) -> ns.BatchNorm:
+        norm = ns.BatchNorm(features, stats="welford")
+        norm.stats = FanOut(tracked)
+        self.norms.append(norm)
+        return norm
 
     def train_epochs(self, epochs: int, batch_size: int, lr: float) -> None:
         if self.optimizer is None:
             self.optimizer = SGD(self.model, lr=lr, momentum=0.9)
-        X, y = self.data.X_train, self.data.y_train
+        X, y = self.X_train, self.data.y_train
         self.model.train()
         for _ in range(epochs):
             for index in batches(len(X), batch_size, self.rng):
@@ -130,7 +153,7 @@ class NumpyRun:
             norm.stats = _Fixed(mean, var)
 
     def accuracy(self, strategy: str, batch_size: int) -> float:
-        X, y = self.data.X_test, self.data.y_test
+        X, y = self.X_test, self.data.y_test
         if strategy == "batch":
             saved = [norm.stats for norm in self.norms]
             for norm in self.norms:
@@ -149,8 +172,7 @@ class NumpyRun:
         return int((self.model.forward(X).argmax(1) == y).sum()) / len(y)
 
     def calibration_batches(self, batch_size: int) -> list[Any]:
-        X = self.data.X_train
-        return [X[i] for i in batches(len(X), batch_size)]
+        return [self.X_train[i] for i in batches(len(self.X_train), batch_size)]
 
     def restore_training_statistics(self) -> None:
         for norm, fanout in zip(self.norms, self.fanouts, strict=True):
@@ -304,7 +326,7 @@ def _torch_model(data: Dataset, model: str) -> Any:
     channels, *spatial = data.image_shape
     conv = nn.Conv1d if len(spatial) == 1 else nn.Conv2d
     pool = nn.AdaptiveAvgPool1d if len(spatial) == 1 else nn.AdaptiveAvgPool2d
-    channel_widths = (channels, 16, 32, 32)
+    channel_widths = (channels, *CHANNELS)
     layers = []
     for fan_in, fan_out in itertools.pairwise(channel_widths):
         layers += [

@@ -95,11 +95,6 @@ def compare(
             raise ValueError(f"--backend: expected torch, numpy or both, got {backend!r}")
     if model not in ("mlp", "cnn"):
         raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
-    if "numpy" in backends and model != "mlp":
-        raise ValueError(
-            "--model: the numpy backend builds MLPs only (its layer kit has no convolutions); "
-            "use --backend torch for --model cnn"
-        )
     load(dataset)  # fail early, in this process, on a bad dataset
     timings = timings if timings is not None else Timings()
     tasks = [

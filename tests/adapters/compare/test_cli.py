@@ -260,7 +260,6 @@ BAD = {
     "bad-ema": (None, ["--strategies", "ema:7"], "--strategies"),
     "unknown-backend": (None, ["--backend", "jax"], "--backend"),
     "unknown-model": (None, ["--model", "resnet"], "--model"),
-    "numpy-cnn": (None, ["--backend", "numpy", "--model", "cnn"], "--model"),
     "batch-size-0": (None, ["--batch-sizes", "0"], "--batch-sizes"),
     "batch-sizes-text": (None, ["--batch-sizes", "16,big"], "--batch-sizes"),
     "seeds-0": (None, ["--seeds", "0"], "--seeds"),

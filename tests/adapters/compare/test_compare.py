@@ -220,10 +220,18 @@ def test_torch_cnn_on_digits_runs_with_batchnorm2d():
     assert next(r for r in records if r.strategy == "exact").accuracy > 0.3  # chance 0.1
 
 
-@pytest.mark.parametrize("backends", [["numpy"], ["torch", "numpy"]])
-def test_numpy_backend_with_cnn_names_model_option(backends):
-    with pytest.raises(ValueError, match="--model"):
-        compare("digits", backends=backends, model="cnn", batch_sizes=[64], seeds=1, epochs=[1])
+def test_numpy_cnn_on_digits_uses_the_numpy_conv_layers():
+    from normstats.adapters.numpy import Conv
+
+    run = NumpyRun(load("digits"), "cnn", 0, ())
+    assert any(isinstance(layer, Conv) and layer.dims == 2 for layer in run.model)
+    assert run.X_train.shape[1:] == (1, 8, 8)
+    records = compare(
+        "digits", backends=["numpy"], model="cnn", batch_sizes=[64], seeds=1, epochs=[1]
+    )
+    assert {r.backend for r in records} == {"numpy"}
+    assert all(len(r.stats_distance) == (0 if r.strategy == "batch" else 3) for r in records)
+    assert next(r for r in records if r.strategy == "exact").accuracy > 0.3  # chance 0.1
 
 
 def test_unknown_model_names_model_option():
