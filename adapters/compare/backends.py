@@ -54,11 +54,22 @@ class Run(Protocol):
     def restore_training_statistics(self) -> None: ...
 
 
-def batches(n: int, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Any]:
+def batches(
+    n: int, batch_size: int, rng: np.random.Generator | None = None, *, drop_last: bool = False
+) -> Iterator[Any]:
     """Index arrays of consecutive batches; a last batch of one sample joins the one before
-    (BatchNorm needs two values per channel)."""
+    (BatchNorm needs two values per channel).
+
+    Training uses ``drop_last``: only full batches, as ``DataLoader(drop_last=True)``, so
+    that no step takes the full learning rate on a remainder of a few samples (the data are
+    reshuffled every epoch, so every sample is still seen).
+    """
     order = rng.permutation(n) if rng is not None else np.arange(n)
     starts = list(range(0, n, batch_size))
+    if drop_last and n >= batch_size:
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+        return
     if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
     for i, start in enumerate(starts):
@@ -125,7 +136,7 @@ class NumpyRun:
         X, y = self.X_train, self.data.y_train
         self.model.train()
         for _ in range(epochs):
-            for index in batches(len(X), batch_size, self.rng):
+            for index in batches(len(X), batch_size, self.rng, drop_last=True):
                 _, grad = softmax_cross_entropy(self.model.forward(X[index]), y[index])
                 self.model.backward(grad)
                 self.optimizer.step()
@@ -244,7 +255,7 @@ class TorchRun:
         n = len(self.X_train)
         for _ in range(epochs):
             order = torch.randperm(n, generator=self.generator).numpy()
-            for index in batches(n, batch_size, None):
+            for index in batches(n, batch_size, None, drop_last=True):
                 rows = torch.as_tensor(order[index])
                 loss = torch.nn.functional.cross_entropy(
                     self.model(self.X_train[rows]), self.y_train[rows]

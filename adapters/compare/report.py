@@ -52,7 +52,8 @@ def table(records: Sequence[Record]) -> str:
         sizes = sorted({key[5] for key in stats if key[:4] == block})
         seeds = max(n for key, (_, _, n) in stats.items() if key[:4] == block)
         lines.append(
-            f"{backend} / {model} / {Path(dataset).name} / {epochs} epochs — test accuracy %, "
+            f"{backend} / {model} / {Path(dataset).name} / {epochs} "
+            f"epoch{'s' if epochs != 1 else ''} — test accuracy %, "
             f"mean ± 95% CI over {seeds} seed{'s' if seeds != 1 else ''} (* best per column)"
         )
         lines.append(f"{'strategy':<16}" + "".join(f"{f'b={b}':>14}" for b in sizes))
@@ -142,7 +143,8 @@ def plot(records: Sequence[Record], out: Path) -> list[Path]:
         1, max(len(backends), 1), figsize=(6 * max(len(backends), 1), 4.2), squeeze=False
     )
     for ax, backend in zip(axes[0], backends, strict=False):
-        for strategy in strategies:
+        labels = list(dict.fromkeys(k[1] for k in distances if k[0] == backend))
+        for strategy in labels:
             keys = sorted(k for k in distances if k[0] == backend and k[1] == strategy)
             if not keys:
                 continue
@@ -154,6 +156,7 @@ def plot(records: Sequence[Record], out: Path) -> list[Path]:
             )
         ax.set_xscale("log", base=2)
         ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("batch size")
         ax.set_ylabel("distance from exact statistics\n(mean over layers and channels)")
         ax.set_title(backend)
