@@ -15,10 +15,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from normstats._typing import Array
 
-from .layers import Parameter
+from .layers import Module, Parameter
 
 
-class Conv:
+class Conv(Module):
     r"""Cross-correlation of (N, C_in, L) or (N, C_in, H, W) input with learned kernels.
 
     :math:`y[n, o, p] = b_o + \sum_{c, k} W[o, c, k]\, x[n, c, p + k]` over a zero-padded
@@ -80,15 +80,11 @@ class Conv:
         self.grad_weight = np.zeros_like(self.weight)
         self.grad_bias = np.zeros_like(self.bias)
         self.dims, self.padding, self.kernel_size = dims, padding, kernel_size
-        self.training = True
         self._cache: tuple[Array, tuple[int, ...]] | None = None
 
     def __repr__(self) -> str:
         out, cin = self.weight.shape[:2]
         return f"Conv({cin}, {out}, {self.kernel_size}, dims={self.dims}, padding={self.padding})"
-
-    def __call__(self, x: Array) -> Array:
-        return self.forward(x)
 
     def forward(self, x: Array) -> Array:
         if x.ndim != 2 + self.dims or x.shape[1] != self.weight.shape[1]:
@@ -135,26 +131,15 @@ class Conv:
     def parameters(self) -> list[Parameter]:
         return [(self.weight, self.grad_weight), (self.bias, self.grad_bias)]
 
-    def train(self, mode: bool = True) -> Conv:
-        self.training = bool(mode)
-        return self
 
-    def eval(self) -> Conv:
-        return self.train(False)
-
-
-class GlobalAveragePool:
+class GlobalAveragePool(Module):
     """Mean over every spatial axis: (N, C, *S) -> (N, C)."""
 
     def __init__(self) -> None:
-        self.training = True
         self._shape: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return "GlobalAveragePool()"
-
-    def __call__(self, x: Array) -> Array:
-        return self.forward(x)
 
     def forward(self, x: Array) -> Array:
         self._shape = tuple(x.shape)
@@ -166,16 +151,6 @@ class GlobalAveragePool:
         size = math.prod(self._shape[2:])
         expanded = dy.reshape(*dy.shape, *([1] * (len(self._shape) - 2))) / size
         return np.broadcast_to(expanded, self._shape).copy()
-
-    def parameters(self) -> list[Parameter]:
-        return []
-
-    def train(self, mode: bool = True) -> GlobalAveragePool:
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> GlobalAveragePool:
-        return self.train(False)
 
 
 __all__ = ["Conv", "GlobalAveragePool"]

@@ -9,7 +9,7 @@ optimizer) and ``train()``/``eval()``. ``BatchNorm`` is :class:`normstats.BatchN
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -35,7 +35,38 @@ class Layer(Protocol):
     def train(self, mode: bool = True) -> Any: ...
 
 
-class Linear:
+M = TypeVar("M", bound="Module")
+
+
+class Module:
+    """What every kit layer shares: a training flag, ``train``/``eval`` and ``__call__``.
+
+    A layer gives ``forward``, ``backward`` and, if it learns, ``parameters``.
+    """
+
+    training: bool = True
+
+    def __call__(self, x: Array) -> Array:
+        return self.forward(x)
+
+    def forward(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def backward(self, dy: Array) -> Array:
+        raise NotImplementedError
+
+    def parameters(self) -> list[Parameter]:
+        return []
+
+    def train(self: M, mode: bool = True) -> M:
+        self.training = bool(mode)
+        return self
+
+    def eval(self: M) -> M:
+        return self.train(False)
+
+
+class Linear(Module):
     r"""Affine map :math:`y = x W + b` with He-uniform initialization.
 
     Parameters
@@ -78,14 +109,10 @@ class Linear:
         self.bias = np.zeros(out_features, dtype=dtype)
         self.grad_weight = np.zeros_like(self.weight)
         self.grad_bias = np.zeros_like(self.bias)
-        self.training = True
         self._input: Array | None = None
 
     def __repr__(self) -> str:
         return f"Linear({self.weight.shape[0]}, {self.weight.shape[1]})"
-
-    def __call__(self, x: Array) -> Array:
-        return self.forward(x)
 
     def forward(self, x: Array) -> Array:
         if x.ndim != 2 or x.shape[1] != self.weight.shape[0]:
@@ -103,26 +130,15 @@ class Linear:
     def parameters(self) -> list[Parameter]:
         return [(self.weight, self.grad_weight), (self.bias, self.grad_bias)]
 
-    def train(self, mode: bool = True) -> Linear:
-        self.training = bool(mode)
-        return self
 
-    def eval(self) -> Linear:
-        return self.train(False)
-
-
-class ReLU:
+class ReLU(Module):
     """Rectified linear unit, ``max(x, 0)``."""
 
     def __init__(self) -> None:
-        self.training = True
         self._positive: Array | None = None
 
     def __repr__(self) -> str:
         return "ReLU()"
-
-    def __call__(self, x: Array) -> Array:
-        return self.forward(x)
 
     def forward(self, x: Array) -> Array:
         positive = x > 0
@@ -134,18 +150,8 @@ class ReLU:
             raise ValueError("dy: expected a preceding forward() in training mode, got none")
         return dy * self._positive
 
-    def parameters(self) -> list[Parameter]:
-        return []
 
-    def train(self, mode: bool = True) -> ReLU:
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> ReLU:
-        return self.train(False)
-
-
-class Sequential:
+class Sequential(Module):
     """Layers applied in order; ``backward`` runs them in reverse.
 
     >>> import numpy as np
@@ -164,7 +170,6 @@ class Sequential:
                     f"train, got {type(layer).__name__}"
                 )
         self.layers: list[Layer] = list(layers)
-        self.training = True
 
     def __repr__(self) -> str:
         inner = ",\n".join(f"  {layer!r}" for layer in self.layers)
@@ -175,9 +180,6 @@ class Sequential:
 
     def __len__(self) -> int:
         return len(self.layers)
-
-    def __call__(self, x: Array) -> Array:
-        return self.forward(x)
 
     def forward(self, x: Array) -> Array:
         for layer in self.layers:
@@ -198,9 +200,6 @@ class Sequential:
             layer.train(mode)
         return self
 
-    def eval(self) -> Sequential:
-        return self.train(False)
-
 
 def flatten(model: Layer) -> list[Layer]:
     """The leaf layers of ``model`` in the order they run (nested Sequentials unrolled)."""
@@ -209,4 +208,13 @@ def flatten(model: Layer) -> list[Layer]:
     return [model]
 
 
-__all__ = ["BatchNorm", "Layer", "Linear", "Parameter", "ReLU", "Sequential", "flatten"]
+__all__ = [
+    "BatchNorm",
+    "Layer",
+    "Linear",
+    "Module",
+    "Parameter",
+    "ReLU",
+    "Sequential",
+    "flatten",
+]
