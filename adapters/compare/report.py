@@ -133,11 +133,11 @@ def plot(records: Sequence[Record], out: Path) -> list[Path]:
     plt.close(figure)
 
     distances: dict[tuple[Any, ...], list[float]] = defaultdict(list)
+    several = len({r.epochs for r in records}) > 1  # keep training lengths apart
     for r in records:
         if r.stats_distance:
-            distances[(r.backend, r.strategy, r.batch_size)].append(
-                float(np.mean(r.stats_distance))
-            )
+            label = f"{r.strategy} ({r.epochs} ep)" if several else r.strategy
+            distances[(r.backend, label, r.batch_size)].append(float(np.mean(r.stats_distance)))
     backends = sorted({k[0] for k in distances})
     figure, axes = plt.subplots(
         1, max(len(backends), 1), figsize=(6 * max(len(backends), 1), 4.2), squeeze=False
