@@ -5,8 +5,9 @@
 classes for export; ``recalibrate`` is the exact full pass after training.
 """
 
-from .batchnorm import BatchNorm, StrategyState
+from .batchnorm import BatchNorm
 from .convert import convert, revert
 from .recalibrate import recalibrate
+from .state import StrategyState
 
 __all__ = ["BatchNorm", "StrategyState", "convert", "recalibrate", "revert"]

@@ -13,7 +13,6 @@ every statistic on the device, without a host synchronisation, and counted in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import array_api_compat
@@ -25,52 +24,16 @@ from normstats import ExactFullPass, ExponentialMovingAverage, RunningStats
 from normstats.estimators import resolve_stats
 from normstats.estimators._base import Estimator, State
 from normstats.functional import reduced_axes
-from normstats.moments import ShiftedMoments, chan_merge, reduce_batch
+from normstats.moments import ShiftedMoments, reduce_batch
 
 from . import distributed
-
-STATS_DTYPE = torch.float64
-"""The strategy's accumulators, whatever the module's dtype."""
+from .state import STATS_DTYPE, StrategyState
 
 torch_namespace = array_api_compat.array_namespace(torch.empty(0))
 """The array namespace the core's reductions use for tensors."""
 
 POOL = ExactFullPass()
 """The update rule that pools a calibration pass (its pure functions only; it holds no state)."""
-
-
-class StrategyState(nn.Module):
-    """The strategy's state as float64 buffers (counters as 0-d tensors).
-
-    Buffers follow the module's device but keep float64 through ``.half()`` or
-    ``.to(torch.bfloat16)``: precision of the statistics does not depend on the precision
-    the network computes in.
-    """
-
-    def __init__(self, strategy: Estimator, num_features: int, device: Any = None) -> None:
-        super().__init__()
-        template = torch.zeros(num_features, dtype=STATS_DTYPE, device=device)
-        for key, value in strategy.initial_state(template).items():
-            tensor = torch.as_tensor(value, dtype=STATS_DTYPE, device=device)
-            self.register_buffer(key, tensor.clone())  # one storage each
-
-    def state(self) -> State:
-        """The buffers by name."""
-        return dict(self._buffers)
-
-    def assign(self, new: Mapping[str, Tensor], keep: Tensor | None = None) -> None:
-        """Copy ``new`` into the buffers in place; where ``keep`` is False, leave them."""
-        for key, buffer in self._buffers.items():
-            assert buffer is not None  # registered as tensors above
-            value = new[key]
-            buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StrategyState:
-        for key, buffer in self._buffers.items():
-            if buffer is not None:
-                target = fn(torch.empty((), dtype=buffer.dtype, device=buffer.device))
-                self._buffers[key] = buffer.to(device=target.device)
-        return self
 
 
 class BatchNorm(nn.Module):
@@ -237,61 +200,11 @@ class BatchNorm(nn.Module):
         return y
 
     def _forward_synchronized(self, x: Tensor, group: Any) -> Tensor:
-        """Training with the batch statistics of every rank together (as SyncBatchNorm).
-
-        Every rank first shares its input's rank, channels and sample count, so a mismatch
-        raises the same error everywhere instead of hanging a collective. Each rank's
-        (mean, M2) then travel through a differentiable all-gather and are merged with
-        Chan's formula in rank order, so every rank normalizes with the statistics of the
-        concatenated batch and gradients flow through them to every rank's input; the merged
-        moments are folded into each rank's strategy, which stay identical.
-        """
-        shapes = distributed.gather_rows(
-            torch.tensor([x.dim(), x.shape[1] if x.dim() > 1 else 0, x.numel()], device=x.device),
-            group,
-        ).tolist()
-        if any(shape[:2] != [shapes[0][0], self.num_features] for shape in shapes):
-            listed = ", ".join(
-                f"rank {r}: {d}D, {c} channels" for r, (d, c, _) in enumerate(shapes)
-            )
-            raise ValueError(
-                f"x: expected {self.num_features} channels and one input rank on every rank, "
-                f"got {listed}"
-            )
+        """Training with the batch statistics of every rank together (as SyncBatchNorm)."""
+        y, total, mean, m2 = distributed.synchronized_batch_norm(
+            x, self.weight, self.bias, self.eps, self.num_features, group
+        )
         self._check_input(x)
-        counts = [numel // self.num_features for _, _, numel in shapes]
-        total = sum(counts)
-        if total <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {total} over all ranks"
-            )
-        dims = [d for d in range(x.dim()) if d != 1]
-        if x.shape[0]:
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
-            local = torch.cat([mean, var * (x.numel() // self.num_features)])
-        else:  # an empty rank still takes part, with count 0
-            local = x.new_zeros(2 * self.num_features) + x.sum() * 0
-        rows = distributed.gather_differentiable(local, group)
-        mean, m2, count = rows[0][: self.num_features], rows[0][self.num_features :], counts[0]
-        for row, n in zip(rows[1:], counts[1:], strict=True):
-            if n == 0:
-                continue
-            if count == 0:
-                mean, m2, count = row[: self.num_features], row[self.num_features :], n
-                continue
-            step, m2 = chan_merge(
-                count, m2, n, row[: self.num_features] - mean, row[self.num_features :]
-            )
-            mean, count = mean + step, count + n
-        # per-channel scale and shift, so the activations are touched twice, not four times
-        shape = [1, self.num_features] + [1] * (x.dim() - 2)
-        scale = torch.rsqrt(m2 / total + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        y = torch.addcmul(shift.view(shape), x, scale.view(shape))
         if self.strategy is not None and not isinstance(self.strategy, ExactFullPass):
             moments = (mean.detach().to(STATS_DTYPE), m2.detach().to(STATS_DTYPE))
             self.fold_batch(ShiftedMoments(total, None, *moments, finite=True))
@@ -494,4 +407,4 @@ def _build_strategy(
     return strategy
 
 
-__all__ = ["BatchNorm", "StrategyState"]
+__all__ = ["BatchNorm"]

@@ -62,18 +62,65 @@ def gather_differentiable(row: Tensor, group: Any = None) -> Tensor:
     return gathered
 
 
-def gather_feature_counts(
-    num_features: int, count: int, device: Any, name: str, group: Any = None
-) -> list[int]:
-    """Each rank's sample count; raises on every rank if the feature sizes differ."""
-    rows = gather_rows(torch.tensor([num_features, count], dtype=torch.long, device=device), group)
-    features, counts = rows[:, 0].tolist(), rows[:, 1].tolist()
-    if len(set(features)) > 1:
-        shapes = ", ".join(f"rank {rank}: {size}" for rank, size in enumerate(features))
+def synchronized_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    num_features: int,
+    group: Any = None,
+) -> tuple[Tensor, int, Tensor, Tensor]:
+    """Batch normalization with the statistics of every rank's batch together.
+
+    Every rank first shares its input's rank, channels and sample count, so a mismatch
+    raises the same error everywhere instead of hanging a collective. Each rank's (mean, M2)
+    then travel through a differentiable all-gather and are merged with Chan's formula in
+    rank order, so every rank normalizes with the statistics of the concatenated batch and
+    gradients flow through them to every rank's input. Returns ``(y, total count, mean,
+    M2)`` of the concatenated batch (the same on every rank).
+    """
+    shapes = gather_rows(
+        torch.tensor([x.dim(), x.shape[1] if x.dim() > 1 else 0, x.numel()], device=x.device),
+        group,
+    ).tolist()
+    if any(shape[:2] != [shapes[0][0], num_features] for shape in shapes) or not (
+        2 <= shapes[0][0] <= 5
+    ):
+        listed = ", ".join(f"rank {r}: {d}D, {c} channels" for r, (d, c, _) in enumerate(shapes))
         raise ValueError(
-            f"{name}: expected the same number of features (channels) on every rank, got {shapes}"
+            f"x: expected 2D to 5D input with {num_features} channels, the same on every rank, "
+            f"got {listed}"
         )
-    return [int(c) for c in counts]
+    counts = [numel // num_features for _, _, numel in shapes]
+    total = sum(counts)
+    if total <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {total} over all ranks"
+        )
+    if x.shape[0]:
+        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        local = torch.cat([mean, var * (x.numel() // num_features)])
+    else:  # an empty rank still takes part, with count 0
+        local = x.new_zeros(2 * num_features) + x.sum() * 0
+    rows = gather_differentiable(local, group)
+    mean, m2, count = rows[0][:num_features], rows[0][num_features:], counts[0]
+    for row, n in zip(rows[1:], counts[1:], strict=True):
+        if n == 0:
+            continue
+        if count == 0:
+            mean, m2, count = row[:num_features], row[num_features:], n
+            continue
+        step, m2 = chan_merge(count, m2, n, row[:num_features] - mean, row[num_features:])
+        mean, count = mean + step, count + n
+    # per-channel scale and shift, so the activations are touched once
+    shape = [1, num_features] + [1] * (x.dim() - 2)
+    scale = torch.rsqrt(m2 / total + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(shift.view(shape), x, scale.view(shape)), total, mean, m2
 
 
 def merge_pooled(
@@ -164,4 +211,11 @@ def _feature_shape(stats: Estimator, state: dict[str, Any]) -> tuple[int, ...] |
     return tuple(getattr(state[stats.name + "." + stats.array_keys[-1]], "shape", ()))
 
 
-__all__ = ["active", "all_reduce_stats", "gather_feature_counts", "gather_rows", "merge_pooled"]
+__all__ = [
+    "active",
+    "all_reduce_stats",
+    "gather_differentiable",
+    "gather_rows",
+    "merge_pooled",
+    "synchronized_batch_norm",
+]
