@@ -1,10 +1,11 @@
-"""Thread pinning shared by the benchmarks: one BLAS/OpenMP thread and one torch thread, so
-that figures hold on a busy 2-core machine. Import torch first: threadpoolctl only limits
-pools that are already loaded."""
+"""What the benchmarks share: thread pinning (one BLAS/OpenMP thread and one torch thread, so
+that figures hold on a busy 2-core machine) and the machine's name. Import torch before
+pinning: threadpoolctl only limits pools that are already loaded."""
 
 from __future__ import annotations
 
 import os
+import platform
 from types import ModuleType
 
 import threadpoolctl
@@ -37,3 +38,15 @@ def pin_threads(torch: ModuleType | None) -> threadpoolctl.threadpool_limits:
             f"pinned: torch.set_num_threads(1), torch.get_num_threads() = {torch.get_num_threads()}"
         )
     return limiter
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import threadpoolctl
+from _pinning import cpu_name
 
 try:
     import torch
@@ -113,18 +114,6 @@ Step = Callable[[], object]
 
 
 # -- the parent: set-up, ranks, report -------------------------------------------------------
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def describe_machine(sampling: Sampling) -> None:

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from _pinning import import_torch, pin_threads
+from _pinning import cpu_name, import_torch, pin_threads
 
 STRATEGIES = ("ema", "cumulative", "welford", "exact")
 TORCH = "nn.BatchNorm2d"
@@ -150,18 +150,6 @@ class Result:
 
 
 # -- set-up --------------------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def devices(torch: ModuleType) -> list[Device]:

@@ -175,3 +175,17 @@ def relative_error_to_exact(actual: Any, exact: Sequence[Fraction]) -> float:
     assert len(values) == len(exact)
     errors = [abs(Fraction(float(v)) - e) / abs(e) for v, e in zip(values, exact, strict=True)]
     return float(max(errors))
+
+
+def finite_difference(f, a, h=1e-6):
+    """Central differences of the scalar ``f`` with respect to every element of ``a``."""
+    grad = np.empty_like(a)
+    for index in np.ndindex(a.shape):
+        saved = a[index]
+        a[index] = saved + h
+        plus = f()
+        a[index] = saved - h
+        minus = f()
+        a[index] = saved
+        grad[index] = (plus - minus) / (2 * h)
+    return grad

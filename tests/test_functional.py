@@ -17,6 +17,8 @@ import pytest
 
 from normstats import functional
 
+from .helpers import finite_difference
+
 EPS = 1e-5
 TORCH_RTOL = 1e-7
 FD_RTOL = 1e-5
@@ -120,20 +122,6 @@ def test_train_forward_normalizes_each_channel():
 
 
 # -- backward against central finite differences ---------------------------------------
-
-
-def finite_difference(f, a, h=1e-6):
-    """Central differences of the scalar ``f`` with respect to every element of ``a``."""
-    grad = np.empty_like(a)
-    for index in np.ndindex(a.shape):
-        saved = a[index]
-        a[index] = saved + h
-        plus = f()
-        a[index] = saved - h
-        minus = f()
-        a[index] = saved
-        grad[index] = (plus - minus) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ import pytest
 import normstats as ns
 from normstats.adapters import numpy as nsnp
 
+from ...helpers import finite_difference
+
 TORCH_RTOL = 1e-7
 FD_RTOL = 1e-6
 
@@ -21,20 +23,6 @@ def assert_close(actual, reference, rtol=TORCH_RTOL, atol=0.0):
     assert actual.shape == reference.shape
     scale = float(np.max(np.abs(reference)))
     np.testing.assert_allclose(actual, reference, rtol=rtol, atol=max(rtol * scale, atol))
-
-
-def finite_difference(f, a, h=1e-6):
-    """Central differences of the scalar ``f`` with respect to every element of ``a``."""
-    grad = np.empty_like(a)
-    for index in np.ndindex(a.shape):
-        saved = a[index]
-        a[index] = saved + h
-        plus = f()
-        a[index] = saved - h
-        minus = f()
-        a[index] = saved
-        grad[index] = (plus - minus) / (2 * h)
-    return grad
 
 
 def to_torch(torch, a, grad=False):
