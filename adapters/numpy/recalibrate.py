@@ -23,7 +23,7 @@ from normstats._typing import Array
 from .layers import Layer, flatten
 
 
-def recalibrate(model: Layer, batches: Iterable[object], *, layerwise: bool = False) -> Layer:
+def recalibrate(model: Layer, batches: Iterable[object], layerwise: bool = False) -> Layer:
     """Replace every BatchNorm layer's statistics by the exact ones over ``batches``.
 
     ``batches`` holds arrays or ``(input, ...)`` tuples; with ``layerwise=True`` it is read
