@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import threadpoolctl
-from _pinning import cpu_name
+from _harness import cpu_name, seconds_per_step
 
 try:
     import torch
@@ -482,14 +482,7 @@ def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
 def time_sample(step: Step, loops: int) -> float:
     """Seconds per step over ``loops`` steps, started on every rank together."""
     dist.barrier()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(loops):
-            step()
-        return (time.perf_counter() - start) / loops
-    finally:
-        gc.enable()
+    return seconds_per_step(step, loops)
 
 
 def steps_per_sample(step: Step, seconds: float) -> int:

@@ -55,7 +55,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from _pinning import import_torch, pin_threads
+from _harness import import_torch, pin_threads, seconds_per_step
 
 import normstats as ns
 from normstats import functional
@@ -264,18 +264,6 @@ def steps_per_sample(step: Step) -> int:
     return max(1, math.ceil(SAMPLE_SECONDS / max(elapsed, 1e-7)))
 
 
-def time_sample(step: Step, loops: int) -> float:
-    """Seconds per step over ``loops`` steps, with the collector paused."""
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(loops):
-            step()
-        return (time.perf_counter() - start) / loops
-    finally:
-        gc.enable()
-
-
 def time_candidates(candidates: Sequence[Candidate], repeats: int) -> dict[tuple[str, str], Timing]:
     """Best and median microseconds per step of each candidate, interleaved and rotated."""
     gc.collect()
@@ -286,7 +274,7 @@ def time_candidates(candidates: Sequence[Candidate], repeats: int) -> dict[tuple
     for repeat in range(repeats):
         shift = repeat % len(order)
         for i in order[shift:] + order[:shift]:
-            samples[i].append(time_sample(candidates[i].step, loops[i]))
+            samples[i].append(seconds_per_step(candidates[i].step, loops[i]))
     gc.unfreeze()
     return {
         (c.case.label, c.kind): Timing(min(s) * 1e6, statistics.median(s) * 1e6)

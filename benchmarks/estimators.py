@@ -56,7 +56,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from _pinning import pin_threads
+from _harness import pin_threads
 
 import normstats as ns
 

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from _pinning import cpu_name, import_torch, pin_threads
+from _harness import cpu_name, import_torch, pin_threads, seconds_per_step
 
 STRATEGIES = ("ema", "cumulative", "welford", "exact")
 TORCH = "nn.BatchNorm2d"
@@ -183,17 +183,8 @@ def describe_machine(torch: ModuleType, found: Sequence[Device], settings: Setti
 
 
 def time_sample(step: Step, loops: int, device: Device) -> float:
-    """Seconds per step over ``loops`` steps, with the collector paused."""
-    gc.disable()
-    try:
-        device.sync()
-        start = device.clock()
-        for _ in range(loops):
-            step()
-        device.sync()
-        return (device.clock() - start) / loops
-    finally:
-        gc.enable()
+    """Seconds per step on ``device`` (its clock, synchronized around the loop)."""
+    return seconds_per_step(step, loops, device.clock, device.sync)
 
 
 def steps_per_sample(step: Step, seconds: float, device: Device) -> int:

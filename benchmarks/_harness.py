@@ -1,11 +1,14 @@
 """What the benchmarks share: thread pinning (one BLAS/OpenMP thread and one torch thread, so
-that figures hold on a busy 2-core machine) and the machine's name. Import torch before
-pinning: threadpoolctl only limits pools that are already loaded."""
+that figures hold on a busy 2-core machine), the machine's name, and timing a step. Import
+torch before pinning: threadpoolctl only limits pools that are already loaded."""
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
+import time
+from collections.abc import Callable
 from types import ModuleType
 
 import threadpoolctl
@@ -50,3 +53,23 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def seconds_per_step(
+    step: Callable[[], object],
+    loops: int,
+    clock: Callable[[], float] = time.perf_counter,
+    sync: Callable[[], object] = lambda: None,
+) -> float:
+    """Seconds per call of ``step`` over ``loops`` calls, with the garbage collector paused;
+    ``sync`` waits for queued work (an accelerator) before each reading of ``clock``."""
+    gc.disable()
+    try:
+        sync()
+        start = clock()
+        for _ in range(loops):
+            step()
+        sync()
+        return (clock() - start) / loops
+    finally:
+        gc.enable()
