@@ -52,6 +52,9 @@ On CPU the clock is the process's CPU time (``time.process_time``): on a busy ma
 time this process waits for a core is not its cost. On CUDA it is wall time
 (``time.perf_counter``) with every sample bracketed by ``torch.cuda.synchronize()``.
 
+On CUDA the two training groups run three times: in float32, under ``torch.autocast``
+(float16), and with channels-last activations (``--device`` picks one device).
+
 Threads are pinned to one (OpenMP/BLAS through threadpoolctl, torch through
 ``set_num_threads``): the question is what the adapter costs per core, not how many idle
 cores the machine had. The script ends with the targets per device (training step of the
@@ -164,6 +167,23 @@ class Device:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """How the training groups run: in float32, under autocast (float16), or with
+    channels-last activations. CPU runs float32 only; CUDA runs all three."""
+
+    name: str
+    autocast: bool = False
+    channels_last: bool = False
+
+
+FLOAT32 = Variant("fp32")
+VARIANTS = {
+    "cpu": (FLOAT32,),
+    "cuda": (FLOAT32, Variant("amp", autocast=True), Variant("channels_last", channels_last=True)),
+}
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A step to time, under ``label`` in its group."""
 
@@ -255,12 +275,18 @@ def time_candidates(candidates: Sequence[Candidate], sampling: Sampling, device:
 # -- one layer: training and evaluation ------------------------------------------------------
 
 
-def make_input(torch: ModuleType, device: str) -> tuple[Any, Any]:
+def make_input(torch: ModuleType, device: str, variant: Variant = FLOAT32) -> tuple[Any, Any]:
     """``x`` (mean 1, std 2, so that normalizing does something) and ``dy``."""
     generator = torch.Generator().manual_seed(SEED)
     x = 1.0 + 2.0 * torch.randn(SHAPE, generator=generator)
     dy = torch.randn(SHAPE, generator=generator)
-    return x.to(device), dy.to(device)
+    layout = torch.channels_last if variant.channels_last else torch.contiguous_format
+    return x.to(device, memory_format=layout), dy.to(device, memory_format=layout)
+
+
+def autocast(torch: ModuleType, device: str, variant: Variant) -> Any:
+    """The variant's autocast context (float16 where it is on; a no-op elsewhere)."""
+    return torch.autocast(device, dtype=torch.float16, enabled=variant.autocast)
 
 
 def make_layer(torch: ModuleType, label: str, device: str) -> Any:
@@ -276,12 +302,15 @@ def make_layer(torch: ModuleType, label: str, device: str) -> Any:
     return layer.to(device).train()
 
 
-def training_step(layer: Any, x: Any, dy: Any) -> Step:
+def training_step(torch: ModuleType, layer: Any, x: Any, dy: Any, variant: Variant) -> Step:
     """``layer(x).backward(dy)``, the gradients of the input and parameters reset first."""
+    device = x.device.type
 
     def step() -> object:
         x.grad = layer.weight.grad = layer.bias.grad = None
-        layer(x).backward(dy)
+        with autocast(torch, device, variant):
+            y = layer(x)
+        y.backward(dy.to(y.dtype))
         return x.grad
 
     return step
@@ -297,12 +326,12 @@ def eval_step(torch: ModuleType, layer: Any, x: Any) -> Step:
     return step
 
 
-def train_candidates(torch: ModuleType, device: str) -> list[Candidate]:
+def train_candidates(torch: ModuleType, device: str, variant: Variant = FLOAT32) -> list[Candidate]:
     """Each strategy and torch's layer, sharing one input (with ``requires_grad``) and ``dy``."""
-    x, dy = make_input(torch, device)
+    x, dy = make_input(torch, device, variant)
     x.requires_grad_(True)
     return [
-        Candidate(label, training_step(make_layer(torch, label, device), x, dy))
+        Candidate(label, training_step(torch, make_layer(torch, label, device), x, dy, variant))
         for label in (*STRATEGIES, TORCH, CONTROL)
     ]
 
@@ -346,14 +375,16 @@ def make_network(torch: ModuleType, device: str) -> Any:
     return nn.Sequential(*layers).to(device).train()
 
 
-def sgd_step(torch: ModuleType, model: Any, x: Any, labels: Any) -> Step:
+def sgd_step(torch: ModuleType, model: Any, x: Any, labels: Any, variant: Variant) -> Step:
     """One SGD step (momentum 0.9) of ``model`` on ``(x, labels)``: zero_grad, forward,
     cross-entropy, backward, ``optimizer.step()``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    device = x.device.type
 
     def step() -> object:
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        with autocast(torch, device, variant):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
         loss.backward()
         optimizer.step()
         return loss
@@ -361,19 +392,25 @@ def sgd_step(torch: ModuleType, model: Any, x: Any, labels: Any) -> Step:
     return step
 
 
-def network_candidates(torch: ModuleType, device: str) -> list[Candidate]:
+def network_candidates(
+    torch: ModuleType, device: str, variant: Variant = FLOAT32
+) -> list[Candidate]:
     """torch's network, a copy of it (the control) and a copy converted to each strategy."""
     from normstats.adapters.torch import convert
 
-    plain = make_network(torch, device)
+    layout = torch.channels_last if variant.channels_last else torch.contiguous_format
+    plain = make_network(torch, device).to(memory_format=layout)
     generator = torch.Generator().manual_seed(SEED + 3)
-    x = torch.randn(NETWORK_INPUT, generator=generator).to(device)
+    x = torch.randn(NETWORK_INPUT, generator=generator).to(device, memory_format=layout)
     labels = torch.randint(0, NETWORK_CLASSES, (NETWORK_INPUT[0],), generator=generator)
     labels = labels.to(device)
     models = {TORCH: plain, CONTROL: copy.deepcopy(plain)}
     for label in STRATEGIES:
         models[label] = convert(copy.deepcopy(plain), stats=label)
-    return [Candidate(label, sgd_step(torch, model, x, labels)) for label, model in models.items()]
+    return [
+        Candidate(label, sgd_step(torch, model, x, labels, variant))
+        for label, model in models.items()
+    ]
 
 
 # -- operators per training forward ----------------------------------------------------------
@@ -598,10 +635,10 @@ def verdict(ratio: float, target: float) -> str:
 
 @dataclass(frozen=True)
 class Measured:
-    """What one device measured, group by group."""
+    """What one device measured, group by group (the training groups once per variant)."""
 
-    train: Result
-    network: Result
+    train: dict[str, Result]
+    network: dict[str, Result]
     operators: dict[str, float]
     evaluation: Result
     recalibrate: Result
@@ -610,19 +647,25 @@ class Measured:
 
 def target_parts(device: str, measured: Measured) -> list[str]:
     """The targets of one device, each judged on the worst strategy."""
-    train, network, evaluation = measured.train, measured.network, measured.evaluation
-    recal, layers, operators = measured.recalibrate, measured.layers, measured.operators
-    worst_train = max(STRATEGIES, key=train.ratio)
-    worst_network = max(STRATEGIES, key=network.ratio)
+    evaluation, recal = measured.evaluation, measured.recalibrate
+    layers, operators = measured.layers, measured.operators
     worst_operators = max(STRATEGIES, key=operators.__getitem__)
     worst_eval = max(STRATEGIES, key=evaluation.ratio)
     layerwise = TARGET_LAYERWISE * (layers + 1)
     most = operators[worst_operators]
+    parts = []
+    for variant, train in measured.train.items():
+        network = measured.network[variant]
+        worst_train = max(STRATEGIES, key=train.ratio)
+        worst_network = max(STRATEGIES, key=network.ratio)
+        parts += [
+            f"[{device} {variant}] train {SHAPE} <= {TARGET_TRAIN:g}x: "
+            f"{verdict(train.ratio(worst_train), TARGET_TRAIN)} (worst: {worst_train})",
+            f"[{device} {variant}] small network <= {TARGET_NETWORK:g}x: "
+            f"{verdict(network.ratio(worst_network), TARGET_NETWORK)} (worst: {worst_network})",
+        ]
     return [
-        f"[{device}] train {SHAPE} <= {TARGET_TRAIN:g}x: "
-        f"{verdict(train.ratio(worst_train), TARGET_TRAIN)} (worst: {worst_train})",
-        f"[{device}] small network <= {TARGET_NETWORK:g}x: "
-        f"{verdict(network.ratio(worst_network), TARGET_NETWORK)} (worst: {worst_network})",
+        *parts,
         f"[{device}] operators <= {TARGET_OPERATORS}: {most:.2f} "
         f"{'MET' if most <= TARGET_OPERATORS else 'NOT MET'} (worst: {worst_operators})",
         f"[{device}] eval <= {TARGET_EVAL:g}x: "
@@ -639,16 +682,28 @@ def target_parts(device: str, measured: Measured) -> list[str]:
 def run_device(torch: ModuleType, device: Device, settings: Settings) -> list[str]:
     """Measure every group on ``device``, print them, and return its target verdicts."""
     name = device.name
-    train = time_candidates(train_candidates(torch, name), settings.train, device)
-    print_layer_group(name, f"train step (forward + backward), x {SHAPE}", train, TARGET_TRAIN)
-    network = time_candidates(network_candidates(torch, name), settings.network, device)
-    print_layer_group(
-        name,
-        f"small network: SGD step of {NETWORK_BLOCKS} conv-BN-ReLU blocks of {NETWORK_WIDTH} "
-        f"channels, input {NETWORK_INPUT}",
-        network,
-        TARGET_NETWORK,
-    )
+    train, network = {}, {}
+    for variant in VARIANTS[name]:
+        label = f"{name} {variant.name}"
+        train[variant.name] = time_candidates(
+            train_candidates(torch, name, variant), settings.train, device
+        )
+        print_layer_group(
+            label,
+            f"train step (forward + backward), x {SHAPE}",
+            train[variant.name],
+            TARGET_TRAIN,
+        )
+        network[variant.name] = time_candidates(
+            network_candidates(torch, name, variant), settings.network, device
+        )
+        print_layer_group(
+            label,
+            f"small network: SGD step of {NETWORK_BLOCKS} conv-BN-ReLU blocks of "
+            f"{NETWORK_WIDTH} channels, input {NETWORK_INPUT}",
+            network[variant.name],
+            TARGET_NETWORK,
+        )
     operators = operator_counts(torch, device)
     print_operators(name, operators)
     evaluation = time_candidates(eval_candidates(torch, name), settings.eval, device)
@@ -666,6 +721,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="count the operators of one training step"
     )
+    parser.add_argument(
+        "--device",
+        choices=("all", "cpu", "cuda"),
+        default="all",
+        help="where to measure (default: the CPU, and CUDA when there is one)",
+    )
     return parser.parse_args(argv)
 
 
@@ -674,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if args.quick else DEFAULT
     torch = import_torch("benchmarks/torch_bn.py")
     limiter = pin_threads(torch)
-    found = devices(torch)
+    found = [d for d in devices(torch) if args.device in ("all", d.name)]
     describe_machine(torch, found, settings)
 
     started = time.perf_counter()
