@@ -6,9 +6,9 @@ moments cost no second pass over the activations (a float16 or bfloat16 module, 
 would round them to its dtype, reduces the batch once more in float32). They are folded into
 the strategy's state with the strategy's own update rule (:meth:`normstats.RunningStats.step`)
 on the device, in float64, and ``running_mean`` / ``running_var`` are then set to the
-strategy's estimate, so evaluation is torch's kernel on torch's buffers. A batch with NaN or Inf is masked out of
-every statistic on the device, without a host synchronisation, and counted in
-``num_batches_skipped`` (``nan_policy="skip"``, the default) or raises
+strategy's estimate, so evaluation is torch's kernel on torch's buffers. A batch with NaN or
+Inf is masked out of every statistic on the device, without a host synchronisation, and
+counted in ``num_batches_skipped`` (``nan_policy="skip"``, the default) or raises
 (``nan_policy="raise"``, one host synchronisation per step).
 """
 

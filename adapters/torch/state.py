@@ -46,7 +46,7 @@ class StrategyState(nn.Module):
         """Copy ``new`` into the buffers in place; where ``keep`` is False, leave them."""
         for key, buffer in self._buffers.items():
             assert buffer is not None  # registered as tensors above
-            value = torch.as_tensor(new[key], dtype=STATS_DTYPE, device=buffer.device)
+            value = new[key]
             buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
 
     def claim_next_load(self) -> None:
