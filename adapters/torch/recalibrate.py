@@ -161,7 +161,7 @@ def _one_pass(
 
 
 def _forward(model: nn.Module, inputs: Tensor, index: int) -> None:
-    """One calibration forward; a layer that refuses the batch learns its index."""
+    """One calibration forward; the error of a layer that refuses the batch gets its index."""
     try:
         model(inputs)
     except NonFiniteCalibrationError as error:
