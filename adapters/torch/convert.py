@@ -55,11 +55,22 @@ def revert(model: nn.Module) -> nn.Module:
     Each goes back to the class it replaced; one built directly becomes the class its input
     rank implies (2-3d: ``BatchNorm1d``, 4d: ``BatchNorm2d``, 5d: ``BatchNorm3d``), which it
     knows once it has run a forward. Weights, running statistics and settings are carried.
+    An ``"exact"`` layer that was never calibrated has no statistics to carry: it raises the
+    error its evaluation raises (run ``recalibrate`` first). Every layer is checked before
+    any is replaced, so an error leaves the model as it was.
     """
+    for layer in model.modules():
+        if isinstance(layer, BatchNorm):
+            _torch_class(layer)
+            layer.check_calibrated()
+    return _reverted_tree(model)
+
+
+def _reverted_tree(model: nn.Module) -> nn.Module:
     if isinstance(model, BatchNorm):
         return _reverted(model)
     for name, child in model.named_children():
-        replacement = revert(child)
+        replacement = _reverted_tree(child)
         if replacement is not child:
             setattr(model, name, replacement)
     return model
@@ -95,13 +106,18 @@ def _converted(layer: nn.Module, stats: str, kwargs: dict[str, Any]) -> BatchNor
     return new
 
 
-def _reverted(layer: BatchNorm) -> nn.Module:
+def _torch_class(layer: BatchNorm) -> type[nn.Module]:
     cls = layer.source_class or CLASS_BY_RANK.get(layer.input_rank or 0)
     if cls is None:
         raise ValueError(
             "model: a normstats BatchNorm built directly reverts to the torch class its input "
             "rank implies, but it has not seen an input yet; run one forward first"
         )
+    return cls
+
+
+def _reverted(layer: BatchNorm) -> nn.Module:
+    cls = _torch_class(layer)
     reference = layer.weight if layer.weight is not None else layer.running_mean
     factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
     momentum = None if layer.stats_name == "cumulative" else layer.momentum

@@ -19,7 +19,7 @@ from normstats import ExponentialMovingAverage, RunningStats
 from normstats.estimators._base import Estimator, State
 from normstats.moments import chan_merge
 
-STATS_DTYPE = torch.float64
+from .state import BATCH_MOMENTS_DTYPE, STATS_DTYPE
 
 
 def active(group: Any = None) -> bool:
@@ -78,6 +78,10 @@ def synchronized_batch_norm(
     rank order, so every rank normalizes with the statistics of the concatenated batch and
     gradients flow through them to every rank's input. Returns ``(y, total count, mean,
     M2)`` of the concatenated batch (the same on every rank).
+
+    The statistics are computed, exchanged and applied in float32 or wider whatever the
+    input's dtype (as SyncBatchNorm does): in float16, the M2 of a few thousand values
+    overflows. The output has the input's dtype, and gradients flow through the casts.
     """
     shapes = gather_rows(
         torch.tensor([x.dim(), x.shape[1] if x.dim() > 1 else 0, x.numel()], device=x.device),
@@ -97,11 +101,12 @@ def synchronized_batch_norm(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {total} over all ranks"
         )
+    wide = x.to(torch.promote_types(x.dtype, BATCH_MOMENTS_DTYPE))
     if x.shape[0]:
-        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        var, mean = torch.var_mean(wide, dim=[d for d in range(x.dim()) if d != 1], correction=0)
         local = torch.cat([mean, var * (x.numel() // num_features)])
     else:  # an empty rank still takes part, with count 0
-        local = x.new_zeros(2 * num_features) + x.sum() * 0
+        local = wide.new_zeros(2 * num_features) + wide.sum() * 0
     rows = gather_differentiable(local, group)
     mean, m2, count = rows[0][:num_features], rows[0][num_features:], counts[0]
     for row, n in zip(rows[1:], counts[1:], strict=True):
@@ -120,28 +125,32 @@ def synchronized_batch_norm(
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
-    return torch.addcmul(shift.view(shape), x, scale.view(shape)), total, mean, m2
+    y = torch.addcmul(shift.view(shape), wide, scale.view(shape)).to(x.dtype)
+    return y, total, mean, m2
 
 
 def merge_pooled(
-    pooled: State | None, num_features: int, device: Any, group: Any = None
-) -> State | None:
-    """Merge a pooled calibration state (count, mean, m2) across ranks; None if empty everywhere.
+    pooled: State | None, num_features: int, device: Any, group: Any = None, skipped: int = 0
+) -> tuple[State | None, int]:
+    """Merge a pooled calibration state (count, mean, m2) across ranks, and the numbers of
+    batches the ranks left out of their pools; the state is None if empty everywhere.
 
     A rank that saw no data passes ``None`` and still takes part.
     """
-    row = torch.zeros(1 + 2 * num_features, dtype=STATS_DTYPE, device=device)
+    row = torch.zeros(2 + 2 * num_features, dtype=STATS_DTYPE, device=device)
+    row[1] = skipped
     if pooled is not None:
         row[0] = pooled["count"]
-        row[1 : 1 + num_features] = pooled["mean_origin"] + pooled["mean_offset"]
-        row[1 + num_features :] = pooled["m2"]
+        row[2 : 2 + num_features] = pooled["mean_origin"] + pooled["mean_offset"]
+        row[2 + num_features :] = pooled["m2"]
     rows = gather_rows(row, group)
     counts = rows[:, 0].tolist()
+    total_skipped = int(rows[:, 1].sum())
     merged: State | None = None
     for rank, count in enumerate(counts):
         if count == 0:
             continue
-        mean, m2 = rows[rank, 1 : 1 + num_features], rows[rank, 1 + num_features :]
+        mean, m2 = rows[rank, 2 : 2 + num_features], rows[rank, 2 + num_features :]
         if merged is None:
             merged = {"count": count, "mean": mean, "m2": m2}
             continue
@@ -150,15 +159,16 @@ def merge_pooled(
         )
         merged = {"count": merged["count"] + count, "mean": merged["mean"] + step, "m2": merged_m2}
     if merged is None:
-        return None
+        return None, total_skipped
     zeros = merged["mean"] * 0.0
-    return {
+    state = {
         "count": merged["count"],
         "num_batches": len([c for c in counts if c]),
         "mean_origin": merged["mean"],
         "mean_offset": zeros,
         "m2": merged["m2"],
     }
+    return state, total_skipped
 
 
 def all_reduce_stats(stats: RunningStats, group: Any = None) -> RunningStats:

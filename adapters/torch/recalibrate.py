@@ -16,11 +16,21 @@ One-pass statistics differ from layerwise ones by terms of order 1 / batch size,
 modes part only for small calibration batches. During the pass every other module is in
 evaluation mode (dropout off). Afterwards, and when anything fails, every module's mode is
 what it was, no hook remains, and on failure every layer's statistics are what they were.
+
+A batch with NaN or Inf follows the layers' ``nan_policy``. With ``"skip"`` it is left out
+of the pools, whole: in one pass, a batch in which any layer's input is not finite is left
+out of every layer's pool (each layer holds the batch's moments back until the forward of
+the batch is over), so the statistics are exactly those of the finite batches; layer by
+layer, pass k leaves out the batches whose input to layer k is not finite. Each layer's
+``num_batches_skipped`` then holds the number of batches left out of its pool, and one
+``RuntimeWarning`` reports them. With ``"raise"`` (any layer that sees such a batch) the call
+raises a ``ValueError`` naming the batch, and every layer is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,7 +40,7 @@ from torch import Tensor, nn
 from normstats.estimators._base import State
 
 from . import distributed
-from .batchnorm import BatchNorm
+from .batchnorm import BatchNorm, NonFiniteCalibrationError
 
 
 class _StopForwardError(Exception):
@@ -55,6 +65,12 @@ def recalibrate(
     ``running_mean`` / ``running_var`` are the pooled mean and unbiased variance of its
     input. Layers with ``stats="batch"`` keep none and are left alone. Returns ``model``.
 
+    A batch with NaN or Inf at a layer's input is left out of the pools and reported
+    (``nan_policy="skip"``: one pass leaves it out of every layer's pool, layer by layer
+    out of the pool of the layer whose input it spoils; ``num_batches_skipped`` holds the
+    count and a ``RuntimeWarning`` says it) or raises a ``ValueError`` naming the batch
+    (``"raise"``, model unchanged).
+
     When ``torch.distributed`` is initialized (and ``sync`` is True) each layer's pool is
     merged across the ranks of the world before it is written, so a dataset sharded over
     the ranks gives every rank the statistics of one process over the whole dataset; a
@@ -71,22 +87,56 @@ def recalibrate(
     shared = sync and distributed.active()
     modes = [(module, module.training) for module in model.modules()]
     saved = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in layers]
+    names = {layer: name or type(layer).__name__ for name, layer in model.named_modules()}
     try:
         model.eval()
         with torch.no_grad():
             if layerwise:
-                _layer_by_layer(model, layers, data, max_batches, progress, shared)
+                skipped = _layer_by_layer(model, layers, data, max_batches, progress, shared)
             else:
-                _one_pass(model, layers, data, max_batches, progress, shared)
+                skipped = _one_pass(model, layers, data, max_batches, progress, shared)
+    except NonFiniteCalibrationError as error:
+        _restore(layers, saved)
+        raise ValueError(
+            f"data: expected finite values, got NaN or Inf in batch {error.batch} at the input "
+            f"of layer {names.get(error.layer, '?')!r}, whose nan_policy is 'raise'; remove "
+            f"the batch, or build the layer with nan_policy='skip' to leave such batches out"
+        ) from None
     except BaseException:
-        for layer, state in zip(layers, saved, strict=True):
-            layer.stop_calibration()
-            layer.load_state_dict(state)
+        _restore(layers, saved)
         raise
     finally:
         for module, mode in modes:
             module.training = mode
+    _report(skipped, names, layerwise)
     return model
+
+
+def _restore(layers: list[BatchNorm], saved: list[dict[str, Tensor]]) -> None:
+    for layer, state in zip(layers, saved, strict=True):
+        layer.stop_calibration()
+        layer.load_state_dict(state)
+
+
+def _report(skipped: dict[BatchNorm, int], names: dict[nn.Module, str], layerwise: bool) -> None:
+    """One warning for the batches left out of the pools, if any."""
+    left_out = {layer: count for layer, count in skipped.items() if count}
+    if not left_out:
+        return
+    if layerwise:
+        listed = ", ".join(
+            f"{count} for layer {names[layer]!r}" for layer, count in left_out.items()
+        )
+        what = f"left out batches whose input to the layer held NaN or Inf: {listed}"
+    else:
+        count = max(left_out.values())
+        what = f"left out {count} batch(es) with NaN or Inf at a layer's input from every pool"
+    warnings.warn(
+        f"recalibrate: {what} (nan_policy='skip'); the statistics are those of the other "
+        f"batches, and num_batches_skipped holds the count",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _one_pass(
@@ -96,14 +146,35 @@ def _one_pass(
     max_batches: int | None,
     progress: bool,
     shared: bool,
-) -> None:
+) -> dict[BatchNorm, int]:
+    """Calibrate every layer in one pass; the number of batches left out, per layer."""
     for layer in layers:
         layer.start_calibration()
-    for inputs in _batches(data, max_batches, progress, "recalibrate"):
+    skipped = 0
+    for index, inputs in _batches(data, max_batches, progress, "recalibrate"):
+        _forward(model, inputs, index)
+        skipped += _end_batch(layers)
+    pooled = [_merged(layer.stop_calibration(), skipped, layer, shared) for layer in layers]
+    for layer, (state, left_out) in zip(layers, pooled, strict=True):
+        layer.load_calibration(_reached(state, left_out, layer), left_out)
+    return {layer: left_out for layer, (_, left_out) in zip(layers, pooled, strict=True)}
+
+
+def _forward(model: nn.Module, inputs: Tensor, index: int) -> None:
+    """One calibration forward; the error of a layer that refuses the batch gets its index."""
+    try:
         model(inputs)
-    pooled = [_merged(layer.stop_calibration(), layer, shared) for layer in layers]
-    for layer, state in zip(layers, pooled, strict=True):
-        layer.load_calibration(_reached(state, layer))
+    except NonFiniteCalibrationError as error:
+        error.batch = index
+        raise
+
+
+def _end_batch(layers: list[BatchNorm]) -> int:
+    """Pool the batch every layer held back if all of them saw finite inputs; 1 if not."""
+    finite = all(layer.calibration_batch_finite for layer in layers)
+    for layer in layers:
+        layer.end_calibration_batch(keep=finite)
+    return 0 if finite else 1
 
 
 def _layer_by_layer(
@@ -113,10 +184,12 @@ def _layer_by_layer(
     max_batches: int | None,
     progress: bool,
     shared: bool,
-) -> None:
-    """Calibrate the first uncalibrated layer the forward reaches, then the next, ..."""
+) -> dict[BatchNorm, int]:
+    """Calibrate the first uncalibrated layer the forward reaches, then the next, ...;
+    the number of batches each layer's pass left out."""
     remaining = set(layers)
     target: list[BatchNorm] = []
+    skipped: dict[BatchNorm, int] = {}
 
     def enter(module: nn.Module, args: Any) -> None:
         if module in remaining and not target:
@@ -132,29 +205,38 @@ def _layer_by_layer(
     try:
         for step in range(len(layers)):
             target.clear()
+            left_out = 0
             label = f"recalibrate layer {step + 1}/{len(layers)}"
-            for inputs in _batches(data, max_batches, progress, label):
+            for index, inputs in _batches(data, max_batches, progress, label):
                 with contextlib.suppress(_StopForwardError):
-                    model(inputs)
+                    _forward(model, inputs, index)
+                left_out += _end_batch(target)
             layer = _agreed_target(target, layers, shared)
             if layer is None:
                 raise ValueError(
                     f"data: the forward never reached {len(remaining)} BatchNorm layer(s); "
                     "expected every layer to be used by the model"
                 )
-            pooled = layer.stop_calibration() if target else None
-            layer.load_calibration(_reached(_merged(pooled, layer, shared), layer))
+            pooled, left_out = _merged(
+                layer.stop_calibration() if target else None, left_out, layer, shared
+            )
+            layer.load_calibration(_reached(pooled, left_out, layer), left_out)
+            skipped[layer] = left_out
             remaining.discard(layer)
     finally:
         for hook in hooks:
             hook.remove()
+    return skipped
 
 
-def _merged(pooled: State | None, layer: BatchNorm, shared: bool) -> State | None:
-    """A layer's pooled calibration state, merged with the other ranks' when ``shared``."""
+def _merged(
+    pooled: State | None, skipped: int, layer: BatchNorm, shared: bool
+) -> tuple[State | None, int]:
+    """A layer's pooled calibration state and the number of batches left out of it, merged
+    with the other ranks' when ``shared``."""
     if not shared:
-        return pooled
-    return distributed.merge_pooled(pooled, layer.num_features, layer._device())
+        return pooled, skipped
+    return distributed.merge_pooled(pooled, layer.num_features, layer._device(), skipped=skipped)
 
 
 def _agreed_target(
@@ -182,19 +264,20 @@ def _hooks(layer: BatchNorm, enter: Any, leave: Any) -> list[Any]:
     return [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
 
 
-def _reached(state: State | None, layer: BatchNorm) -> State:
+def _reached(state: State | None, skipped: int, layer: BatchNorm) -> State:
     if state is None:
+        why = f" ({skipped} left out for NaN or Inf)" if skipped else ""
         raise ValueError(
-            f"data: no batch reached {layer.__class__.__name__}({layer.num_features}); "
-            "expected at least one non-empty batch"
+            f"data: no finite batch reached {layer.__class__.__name__}({layer.num_features})"
+            f"{why}; expected at least one non-empty batch without NaN or Inf"
         )
     return state
 
 
 def _batches(
     data: Iterable[Any], max_batches: int | None, progress: bool, label: str
-) -> Iterator[Tensor]:
-    """The input tensor of each batch (the first element of a tuple or list)."""
+) -> Iterator[tuple[int, Tensor]]:
+    """The index and input tensor of each batch (the first element of a tuple or list)."""
     items: Iterable[Any] = data
     if progress:
         from tqdm.auto import tqdm
@@ -203,7 +286,7 @@ def _batches(
     for index, batch in enumerate(items):
         if max_batches is not None and index >= max_batches:
             break
-        yield batch[0] if isinstance(batch, tuple | list) else batch
+        yield index, batch[0] if isinstance(batch, tuple | list) else batch
 
 
 __all__ = ["recalibrate"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -12,6 +13,9 @@ from normstats.estimators._base import Estimator, State
 
 STATS_DTYPE = torch.float64
 """The strategy's accumulators, whatever the module's dtype."""
+BATCH_MOMENTS_DTYPE = torch.float32
+"""The least precision of the batch moments a strategy receives, whatever the module's dtype
+(float16 and bfloat16 round a mean of 100 to within 0.5, and float16 overflows at 65504)."""
 
 
 class StrategyState(nn.Module):
@@ -20,6 +24,10 @@ class StrategyState(nn.Module):
     Buffers follow the module's device but keep float64 through ``.half()`` or
     ``.to(torch.bfloat16)``: precision of the statistics does not depend on the precision
     the network computes in.
+
+    A :class:`~normstats.adapters.torch.BatchNorm` that holds one loads its buffers itself,
+    together with its own and only after checking all of them, so that a state dict that
+    fails to load changes nothing (:meth:`claim_next_load`).
     """
 
     def __init__(self, strategy: Estimator, num_features: int, device: Any = None) -> None:
@@ -28,17 +36,29 @@ class StrategyState(nn.Module):
         for key, value in strategy.initial_state(template).items():
             tensor = torch.as_tensor(value, dtype=STATS_DTYPE, device=device)
             self.register_buffer(key, tensor.clone())  # one storage each
+        self._claimed = False
 
     def state(self) -> State:
         """The buffers by name."""
         return dict(self._buffers)
 
-    def assign(self, new: Mapping[str, Tensor], keep: Tensor | None = None) -> None:
+    def assign(self, new: Mapping[str, Any], keep: Tensor | None = None) -> None:
         """Copy ``new`` into the buffers in place; where ``keep`` is False, leave them."""
         for key, buffer in self._buffers.items():
             assert buffer is not None  # registered as tensors above
             value = new[key]
             buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
+
+    def claim_next_load(self) -> None:
+        """The owning layer has loaded (or refused) this state's part of the state dict:
+        the next ``_load_from_state_dict`` call, part of the same load, does nothing."""
+        self._claimed = True
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        if self._claimed:
+            self._claimed = False
+            return
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StrategyState:
         for key, buffer in self._buffers.items():
@@ -46,3 +66,28 @@ class StrategyState(nn.Module):
                 target = fn(torch.empty((), dtype=buffer.dtype, device=buffer.device))
                 self._buffers[key] = buffer.to(device=target.device)
         return self
+
+
+def brought_state(instance: Estimator, num_features: int) -> State | None:
+    """The state of an estimator that has seen batches, as float64 tensors on the CPU
+    (None if it has seen none); its statistics must have ``num_features`` features."""
+    if instance.num_batches == 0:
+        return None
+    prefix = instance.name + "."
+    saved = instance.state_dict()
+    state: State = {}
+    for key in ("count", "num_batches", *instance.array_keys):
+        value = saved[prefix + key]
+        tensor = (
+            value.detach().to("cpu", STATS_DTYPE)
+            if isinstance(value, Tensor)
+            else torch.as_tensor(np.asarray(value, dtype=np.float64))
+        )
+        if key in instance.array_keys and tuple(tensor.shape) != (num_features,):
+            raise ValueError(
+                f"stats: expected an estimator whose statistics have {num_features} features "
+                f"(num_features), got one that has seen batches of feature shape "
+                f"{tuple(tensor.shape)}"
+            )
+        state[key] = tensor
+    return state

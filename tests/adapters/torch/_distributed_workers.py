@@ -190,6 +190,40 @@ def sync_layer(
     return record
 
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def sync_low_precision(
+    rank: int,
+    batches: list[np.ndarray[Any, Any]],
+    loss_weights: list[np.ndarray[Any, Any]],
+    weight: np.ndarray[Any, Any],
+    bias: np.ndarray[Any, Any],
+    dtype: str,
+) -> dict[str, Any]:
+    """One training step of a ``BatchNorm(sync=True, stats="welford")`` module in ``dtype``
+    on this rank's batch: output, gradients (as float64) and the strategy's statistics."""
+    bn = BatchNorm(weight.shape[0], stats="welford", sync=True, dtype=DTYPES[dtype])
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(weight))
+        bn.bias.copy_(torch.from_numpy(bias))
+    x = torch.from_numpy(batches[rank]).to(DTYPES[dtype]).requires_grad_()
+    y = bn(x)
+    (y.double() * torch.from_numpy(loss_weights[rank])).sum().backward()
+    mean, var = bn.population_statistics()
+    return {
+        "dtype": str(y.dtype),
+        "y": _np(y.double()),
+        "x_grad": _np(x.grad.double()),
+        "weight_grad": _np(bn.weight.grad.double()),
+        "bias_grad": _np(bn.bias.grad.double()),
+        "mean": _np(mean),
+        "var": _np(var),
+        "skipped": int(bn.num_batches_skipped),
+        "tracked": int(bn.num_batches_tracked),
+    }
+
+
 def converted_sync_bn(
     rank: int,
     state: dict[str, np.ndarray[Any, Any]],
@@ -387,6 +421,8 @@ def layers_task(rank: int, world: int, layer_cases: dict[str, Any], others: dict
         parts["convert"] = lambda: converted_sync_bn(rank, **others["convert"])
     if "recalibrate" in others:
         parts["recalibrate"] = lambda: recalibrated_shard(rank, **others["recalibrate"])
+    for name, case in others.get("low_precision", {}).items():
+        parts[name] = lambda case=case: sync_low_precision(rank, **case)
     return _run_parts(parts)
 
 

@@ -16,6 +16,8 @@ from torch import nn  # noqa: E402
 
 from normstats.adapters.torch import BatchNorm, convert, recalibrate, revert  # noqa: E402
 
+from ...helpers import assert_same_state  # noqa: E402
+
 TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 C = 4
 CLASSES = 5
@@ -293,6 +295,30 @@ def test_reverting_a_batchnorm_that_has_seen_no_input_is_refused():
         revert(model)
     with pytest.raises(ValueError, match="forward"):
         revert(BatchNorm(C))
+
+
+def test_reverting_an_uncalibrated_exact_model_is_refused_and_changes_nothing():
+    """It used to give plain BatchNorm layers with mean 0 and variance 1."""
+    torch.manual_seed(9)
+    model = convert(trained_model(), stats="exact")
+    model.eval()
+    test = torch.randn(4, 3, 8, 8)
+    with pytest.raises(ValueError, match="recalibrate") as evaluation:
+        model(test)
+    kinds = [type(m) for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="recalibrate") as reverting:
+        revert(model)
+    assert str(reverting.value) == str(evaluation.value)
+    assert [type(m) for m in model.modules()] == kinds  # not one layer was replaced
+    assert_same_state({k: v.clone() for k, v in model.state_dict().items()}, before)
+    recalibrate(model, [torch.randn(n, 3, 8, 8) for n in (8, 6)])
+    with torch.no_grad():
+        expected = model(test)
+    reverted = revert(model)
+    assert not ours(reverted)
+    with torch.no_grad():
+        torch.testing.assert_close(reverted(test), expected, **FLOAT32)
 
 
 def test_a_float64_model_converts_to_float64_layers():

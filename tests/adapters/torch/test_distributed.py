@@ -206,12 +206,40 @@ LAYER_CASES = {
 }
 
 
+LOW_PRECISION_SHAPE = (4, C, 96, 96)
+"""Each of the 2 ranks' batch: 36864 values per channel, whose M2 (about 1.5e5 here) float16
+cannot hold."""
+
+
+def low_precision_case(dtype: str) -> dict[str, Any]:
+    rng = np.random.default_rng(29)
+    offset = np.array([3.0, -2.0, 0.5]).reshape(1, C, 1, 1)
+    batches = [rng.normal(size=LOW_PRECISION_SHAPE) * 2.0 + offset for _ in range(2)]
+    return {
+        # the values the module sees, so the reference is fed exactly them
+        "batches": [
+            torch.from_numpy(b).to(workers.DTYPES[dtype]).double().numpy() for b in batches
+        ],
+        "loss_weights": [rng.normal(size=LOW_PRECISION_SHAPE) for _ in range(2)],
+        "weight": torch.tensor([0.5, 1.0, 1.5]).to(workers.DTYPES[dtype]).double().numpy(),
+        "bias": torch.tensor([0.25, -1.0, 0.0]).to(workers.DTYPES[dtype]).double().numpy(),
+        "dtype": dtype,
+    }
+
+
+LOW_PRECISION_CASES = {f"low_precision_{d}": low_precision_case(d) for d in workers.DTYPES}
+
+
 # -- the spawns (one per world and purpose) ------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def layers_on_2() -> list[dict[str, Any]]:
-    others = {"convert": convert_case(), "recalibrate": recalibration_case(2)}
+    others = {
+        "convert": convert_case(),
+        "recalibrate": recalibration_case(2),
+        "low_precision": LOW_PRECISION_CASES,
+    }
     return spawn("layers", 2, LAYER_CASES[2], others)
 
 
@@ -325,6 +353,44 @@ def test_sync_welford_running_statistics_are_pooled_over_all_data_seen(layers):
         np.testing.assert_allclose(r["running_mean"], mean, **TOL, err_msg=f"mean, rank {rank}")
         np.testing.assert_allclose(r["running_var"], var, **TOL, err_msg=f"var, rank {rank}")
         assert r["num_batches_tracked"] == len(SIZES[world])
+
+
+LOW_PRECISION_TOL = {
+    "float16": {"rtol": 2e-3, "atol": 4e-3},
+    "bfloat16": {"rtol": 1.6e-2, "atol": 3e-2},
+    "float32": {"rtol": 1e-5, "atol": 1e-5},
+}
+"""Outputs and gradients: a few units of the dtype's precision (float16 eps 9.8e-4,
+bfloat16 7.8e-3) at values of a few units."""
+
+
+@pytest.mark.parametrize("dtype", list(workers.DTYPES))
+def test_sync_in_low_precision_computes_the_statistics_in_float32(layers_on_2, dtype):
+    """float16 used to overflow (M2 = var * count in float16): all-zero output, batch skipped."""
+    case = LOW_PRECISION_CASES[f"low_precision_{dtype}"]
+    ranks = part(layers_on_2, f"low_precision_{dtype}")
+    bn = nn.BatchNorm2d(C, dtype=F64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(case["weight"]))
+        bn.bias.copy_(torch.from_numpy(case["bias"]))
+    x = torch.from_numpy(np.concatenate(case["batches"])).requires_grad_()
+    y = bn(x)
+    (y * torch.from_numpy(np.concatenate(case["loss_weights"]))).sum().backward()
+    everything = np.concatenate(case["batches"]).transpose(1, 0, 2, 3).reshape(C, -1)
+    mean, var = everything.mean(axis=1), everything.var(axis=1, ddof=1)
+    tolerance = LOW_PRECISION_TOL[dtype]
+    for rank, (r, cut) in enumerate(zip(ranks, rank_slices([4, 4]), strict=True)):
+        assert r["dtype"] == f"torch.{dtype}"
+        assert (r["skipped"], r["tracked"]) == (0, 1), f"rank {rank}"
+        np.testing.assert_allclose(r["y"], y.detach().numpy()[cut], **tolerance)
+        np.testing.assert_allclose(r["x_grad"], x.grad.numpy()[cut], **tolerance)
+        # statistics at float32 precision whatever the dtype
+        np.testing.assert_allclose(r["mean"], mean, rtol=1e-6, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(r["var"], var, rtol=1e-5, err_msg=f"rank {rank}")
+        np.testing.assert_array_equal(r["var"], ranks[0]["var"])
+    for name, grad in (("weight_grad", bn.weight.grad), ("bias_grad", bn.bias.grad)):
+        total = sum(r[name] for r in ranks)
+        np.testing.assert_allclose(total, grad.numpy(), rtol=1e-2, atol=1.0, err_msg=name)
 
 
 # -- 2. recalibrate over shards is recalibrate over the whole dataset ------------------------

@@ -412,3 +412,116 @@ def test_layerwise_stops_each_pass_at_its_layer(layerwise):
     assert counts[str(3 * depth)] == 0  # the head never runs
     passes = sum(counts[name] for name in linears) / (len(batches) * depth)
     assert passes == (depth + 1) / 2
+
+
+# -- non-finite calibration batches ----------------------------------------------------------
+
+
+POISONED_SIZE = 16
+"""The calibration batch (of SIZES) that :class:`Poison` spoils, by its size."""
+
+
+class Poison(nn.Module):
+    """Puts ``value`` into the batches of ``POISONED_SIZE`` samples, whatever pass it is."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        if len(x) != POISONED_SIZE:
+            return x
+        x = x.clone()
+        x[0, 0, 0, 0] = self.value
+        return x
+
+
+def poisoned(torch_model, stats, value, **kwargs):
+    """A converted copy whose dropout after the first BN (layer "1") became a Poison: layer
+    "1" sees every batch finite, layers "6" and "10" see the poisoned batch non-finite."""
+    model = convert(copy.deepcopy(torch_model), stats=stats, **kwargs)
+    model[3] = Poison(value)
+    return model
+
+
+NON_FINITE = [float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf"])
+@pytest.mark.parametrize("stats", ["exact", "welford"])
+def test_one_pass_leaves_a_non_finite_batch_out_of_every_layer_and_reports_it(stats, value):
+    torch.manual_seed(12)
+    torch_model = randomized(conv_net())
+    model = poisoned(torch_model, stats, value)
+    batches = make_batches()
+    with pytest.warns(RuntimeWarning, match=r"left out 1 batch\(es\) with NaN or Inf"):
+        recalibrate(model, batches)
+    finite = [x for x in batches if len(x) != POISONED_SIZE]
+    assert len(finite) == len(batches) - 1
+    # every layer, the first one too (its own input was finite), has the finite batches only
+    assert_statistics(model, one_pass_reference(torch_model, finite), **FLOAT64)
+    for name, layer in our_layers(model).items():
+        assert int(layer.num_batches_skipped) == 1, name
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf"])
+def test_layerwise_leaves_out_the_batches_whose_input_to_the_layer_is_not_finite(value):
+    torch.manual_seed(13)
+    torch_model = randomized(conv_net())
+    model = poisoned(torch_model, "exact", value)
+    batches = make_batches()
+    with pytest.warns(RuntimeWarning, match="1 for layer '6', 1 for layer '10'"):
+        recalibrate(model, batches, layerwise=True)
+    layers = our_layers(model)
+    assert {name: int(layer.num_batches_skipped) for name, layer in layers.items()} == {
+        "1": 0,
+        "6": 1,
+        "10": 1,
+    }
+    # each layer has the inputs it sees at inference, over the batches where they are finite
+    model.eval()
+    finite = [x for x in batches if len(x) != POISONED_SIZE]
+    first = collect(model, ["1"], batches)["1"]
+    downstream = collect(model, ["6", "10"], finite)
+    reference = {"1": reduce(first), **{k: reduce(v) for k, v in downstream.items()}}
+    assert_statistics(model, reference, **FLOAT64)
+
+
+@pytest.mark.parametrize("raising", ["all", "last"])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["one-pass", "layerwise"])
+def test_nan_policy_raise_names_the_batch_and_leaves_the_model_as_it_was(layerwise, raising):
+    torch.manual_seed(14)
+    model = mixed_modes(poisoned(randomized(conv_net()), "welford", float("nan")))
+    if raising == "all":
+        for layer in our_layers(model).values():
+            layer.nan_policy = "raise"
+    else:
+        model[10].nan_policy = "raise"
+    before, before_modes = state_copy(model), modes(model)
+    batches = make_batches()
+    index = [len(x) for x in batches].index(POISONED_SIZE)
+    with pytest.raises(ValueError, match=rf"^data: .*NaN or Inf in batch {index} .*'raise'"):
+        recalibrate(model, batches, layerwise=layerwise)
+    assert_same_state(state_copy(model), before)
+    assert modes(model) == before_modes
+    assert_no_hooks(model)
+
+
+def test_nan_policy_raise_set_at_construction_is_followed_by_calibration():
+    torch.manual_seed(15)
+    model = poisoned(randomized(conv_net()), "exact", float("inf"), nan_policy="raise")
+    before = state_copy(model)
+    with pytest.raises(ValueError, match="batch 2 at the input of layer '6'"):
+        recalibrate(model, make_batches())
+    assert_same_state(state_copy(model), before)
+
+
+def test_calibration_data_without_a_finite_batch_is_refused():
+    torch.manual_seed(16)
+    model = mixed_modes(converted(randomized(conv_net()), "exact"))
+    before, before_modes = state_copy(model), modes(model)
+    batches = [x.clone().fill_(float("nan")) for x in make_batches([4, 6])]
+    with pytest.raises(ValueError, match=r"no finite batch reached .*\(2 left out"):
+        recalibrate(model, batches)
+    assert_same_state(state_copy(model), before)
+    assert modes(model) == before_modes

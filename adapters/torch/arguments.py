@@ -1,0 +1,140 @@
+"""The torch BatchNorm's constructor arguments: checked, and turned into what the layer runs.
+
+Every argument is validated when the layer is built, with an error that names it, so that a
+wrong setting fails there and not at the first forward, or later in ``revert``. NumPy
+scalars are accepted wherever Python numbers are.
+
+``stats`` may be an estimator instance. It is a source of settings (``nan_policy``,
+``momentum``, ``debias``, ...) and, if it has seen batches, of a starting state: the layer
+runs a fresh estimator with the same settings, keeps its statistics in its own float64
+buffers and never reads or writes the instance again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+
+from normstats import ExponentialMovingAverage, RunningStats
+from normstats._validation import NAN_POLICIES, as_flag, check_unit_interval
+from normstats.estimators import resolve_stats
+from normstats.estimators._base import Estimator
+
+DEFAULT_NAN_POLICY = "skip"
+"""A layer built from a strategy name skips non-finite training batches (an instance brings
+its own policy): one bad batch in a long run should not end it."""
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as a positive int (Python or NumPy integer)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def non_negative_real(name: str, value: object) -> float:
+    """``value`` as a finite non-negative float (Python or NumPy number)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(
+        value, int | float | np.integer | np.floating
+    ):
+        raise TypeError(
+            f"{name}: expected a non-negative real number, got {type(value).__name__} {value!r}"
+        )
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name}: expected a finite non-negative number, got {value!r}")
+    return number
+
+
+def flag(name: str, value: object) -> bool:
+    """``value`` as a bool (Python or NumPy bool, or 0 / 1)."""
+    return as_flag(name, value)
+
+
+def checked_momentum(momentum: object) -> float | None:
+    """None, or a real number in (0, 1]."""
+    return None if momentum is None else check_unit_interval("momentum", momentum)
+
+
+def checked_nan_policy(nan_policy: object) -> str | None:
+    """None (the strategy's default), ``"skip"`` or ``"raise"``."""
+    if nan_policy is None:
+        return None
+    if not isinstance(nan_policy, str):
+        raise TypeError(
+            f"nan_policy: expected 'skip', 'raise' or None, got {type(nan_policy).__name__} "
+            f"{nan_policy!r}"
+        )
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy: expected 'skip', 'raise' or None, got {nan_policy!r}")
+    return nan_policy
+
+
+def build_strategy(
+    stats: str | RunningStats,
+    momentum: float | None,
+    nan_policy: str | None,
+    kwargs: dict[str, Any],
+) -> tuple[Estimator | None, str]:
+    """The estimator a layer runs (None for ``"batch"``) and the layer's ``nan_policy``.
+
+    For a strategy name, ``momentum`` is the EMA's (PyTorch's ``momentum=None`` is the
+    cumulative average, asked for by name) and ``nan_policy`` defaults to
+    :data:`DEFAULT_NAN_POLICY`. For an instance, its own settings apply: a ``nan_policy``
+    that contradicts its own is refused, and the returned estimator is a fresh copy with the
+    same settings and no state (the instance is not touched).
+    """
+    momentum = checked_momentum(momentum)
+    nan_policy = checked_nan_policy(nan_policy)
+    if isinstance(stats, str):
+        if stats == "ema":
+            if momentum is None:
+                raise ValueError(
+                    "momentum: None means a cumulative average in PyTorch; pass "
+                    "stats='cumulative' for it, or a momentum in (0, 1] for stats='ema'"
+                )
+            kwargs = {"momentum": momentum, **kwargs}
+        if stats != "batch":
+            kwargs = {"nan_policy": nan_policy or DEFAULT_NAN_POLICY, **kwargs}
+    strategy = resolve_stats(stats, **kwargs)
+    if strategy is None:
+        return None, nan_policy or DEFAULT_NAN_POLICY
+    if not isinstance(strategy, Estimator):
+        raise TypeError(
+            f"stats: a torch layer runs a normstats strategy's update rule on the device; "
+            f"expected one of normstats' estimators, got {type(strategy).__name__}"
+        )
+    if strategy is stats:
+        if nan_policy is not None and nan_policy != strategy.nan_policy:
+            raise ValueError(
+                f"nan_policy: the estimator passed as stats has nan_policy="
+                f"{strategy.nan_policy!r}, got nan_policy={nan_policy!r}; leave nan_policy "
+                f"unset to use the estimator's, or build the estimator with the one you want"
+            )
+        strategy = copy.deepcopy(strategy)
+        strategy.reset()
+    return strategy, strategy.nan_policy
+
+
+def layer_momentum(strategy: Estimator | None, momentum: float | None) -> float | None:
+    """The layer's ``momentum``: an EMA's own, else the (checked) argument."""
+    if isinstance(strategy, ExponentialMovingAverage):
+        return strategy.momentum
+    return momentum
+
+
+__all__ = [
+    "DEFAULT_NAN_POLICY",
+    "build_strategy",
+    "checked_momentum",
+    "checked_nan_policy",
+    "flag",
+    "layer_momentum",
+    "non_negative_real",
+    "positive_int",
+]
