@@ -47,7 +47,10 @@ class StrategyState(nn.Module):
         for key, buffer in self._buffers.items():
             assert buffer is not None  # registered as tensors above
             value = new[key]
-            buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
+            # a 0-d float64 buffer is written through a view: torch.compile drops in-place
+            # writes to it (a 0-d float64 tensor is traced like a Python float)
+            target = buffer.view(1) if buffer.dim() == 0 else buffer
+            target.copy_(value if keep is None else torch.where(keep, value, buffer))
 
     def claim_next_load(self) -> None:
         """The owning layer has loaded (or refused) this state's part of the state dict:
@@ -61,10 +64,14 @@ class StrategyState(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StrategyState:
+        """``fn`` applied to every buffer (a move, ``share_memory_``, ...), except that a cast
+        of the module to another dtype moves the buffers and keeps them float64."""
         for key, buffer in self._buffers.items():
             if buffer is not None:
-                target = fn(torch.empty((), dtype=buffer.dtype, device=buffer.device))
-                self._buffers[key] = buffer.to(device=target.device)
+                moved = fn(buffer)
+                if moved.dtype != buffer.dtype:
+                    moved = buffer.to(device=moved.device)
+                self._buffers[key] = moved
         return self
 
 
