@@ -22,8 +22,9 @@ SLOTS = 64
 
 
 class MomentRing:
-    """Preallocated rows of batch means and unbiased variances, ``(2, SLOTS, C)``, and the
-    sample counts of the pending ones (host ints: they are shapes).
+    """Preallocated rows of batch means (the first :data:`SLOTS`) and unbiased variances
+    (the next :data:`SLOTS`), ``(2 * SLOTS, C)``, and the sample counts of the pending slots
+    (host ints: they are shapes).
 
     The buffer is allocated at the first step, on the input's device and in the dtype the
     kernel wants for running buffers, and again when either changes (the ring is empty
@@ -64,7 +65,7 @@ class MomentRing:
             buffer is None
             or buffer.dtype != dtype
             or buffer.device != device
-            or buffer.shape[2] != num_features
+            or buffer.shape[1] != num_features
         ):
             if self.counts:
                 raise RuntimeError("the ring must be folded before it is reallocated")
@@ -73,11 +74,10 @@ class MomentRing:
         return self._means[k], self._variances[k]
 
     def _allocate(self, num_features: int, dtype: torch.dtype, device: torch.device) -> None:
-        buffer = torch.zeros(2, SLOTS, num_features, dtype=dtype, device=device)
+        buffer = torch.zeros(2 * SLOTS, num_features, dtype=dtype, device=device)
         self._buffer = buffer
-        # one operation per row set: the views of every slot at once
-        self._means = list(buffer[0].unbind(0))
-        self._variances = list(buffer[1].unbind(0))
+        rows = buffer.unbind(0)  # one operation: the views of every row
+        self._means, self._variances = list(rows[:SLOTS]), list(rows[SLOTS:])
 
     def push(self, count: int) -> None:
         """Record that the next slot now holds the moments of a batch of ``count`` samples."""
@@ -97,18 +97,18 @@ class MomentRing:
         (NaN or Inf anywhere in a batch makes its variance NaN or Inf)."""
         assert self._buffer is not None
         size = len(self.counts)
-        moments = self._buffer if size == SLOTS else self._buffer[:, :size]
-        means, variances = moments.to(dtype).unbind(0)
+        moments = self._buffer.to(dtype)
+        means, variances = moments[:size], moments[SLOTS : SLOTS + size]
         finite = torch.isfinite(variances).all(dim=1)
-        degrees = torch.tensor(self.counts, dtype=dtype, device=moments.device) - 1.0
-        return StackedMoments(self.counts, means, variances * degrees[:, None], finite)
+        counts = _on_device(self.counts, dtype, moments.device)
+        return StackedMoments(counts, means, variances * (counts - 1.0)[:, None], finite)
 
     def clear(self) -> None:
         """Forget the pending slots (after a fold, a reset or a load): a fresh buffer takes
         the place of one that holds any."""
         if self.counts:
             assert self._buffer is not None
-            self._allocate(self._buffer.shape[2], self._buffer.dtype, self._buffer.device)
+            self._allocate(self._buffer.shape[1], self._buffer.dtype, self._buffer.device)
         self.counts = []
 
     def release(self) -> None:
@@ -116,3 +116,12 @@ class MomentRing:
         self.counts = []
         self._buffer = None
         self._means, self._variances = [], []
+
+
+def _on_device(numbers: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host numbers as a tensor on ``device``, without waiting for the device: a copy from
+    pinned memory is asynchronous, where one from ordinary memory synchronises the stream."""
+    host = torch.tensor(numbers, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 class StackedMoments(NamedTuple):
     """The moments of ``K`` batches stacked along a leading axis, oldest first.
 
-    Shape: ``means`` and ``m2s`` are ``(K, *feature_shape)``, ``finite`` is ``(K,)``.
+    Shape: ``means`` and ``m2s`` are ``(K, *feature_shape)``, ``finite`` and ``counts`` are
+    ``(K,)``.
 
     Examples
     --------
@@ -62,9 +63,10 @@ class StackedMoments(NamedTuple):
     ([0.5], [0.75], 1)
     """
 
-    counts: Sequence[int]
-    """Samples per feature of each batch (host numbers: they are shapes, known without a
-    look at the data)."""
+    counts: Sequence[int] | Array
+    """Samples per feature of each batch: host ints (they are shapes, known without a look at
+    the data), or an array of them on the device of ``means`` (which spares the vectorized
+    folds a copy from the host)."""
     means: Array
     m2s: Array
     """Sums of squared deviations from each batch's mean."""
@@ -99,26 +101,20 @@ def fold_batch_averages(strategy: BatchAverage, state: State, slots: StackedMome
     r"""The closed form of an average of batch statistics (EMA, cumulative average).
 
     The weight of slot :math:`t` is the strategy's :meth:`~BatchAverage.batch_weight` for
-    the number of batches folded before it, :math:`k_t`, times its mask :math:`f_t`; the
-    average of means and of unbiased variances then follows the formula in this module's
-    docstring, with :math:`\prod_{s > t}(1 - w_s)` taken for every :math:`t` at once.
+    the number of batches folded before it, times its mask :math:`f_t`; the averages of means
+    and of unbiased variances then follow the formula in this module's docstring, the
+    products :math:`\prod_{s > t}(1 - w_s)` all taken by one cumulative product.
     """
-    xp, dtype, mask, finite = _masks(slots)
-    size = finite.shape[0]
-    counts = xp.asarray(list(slots.counts), dtype=dtype, device=_device(slots.means))
-    before = state["num_batches"] + xp.cumulative_sum(finite) - finite
+    xp, mask, finite, counts = _masks(slots)
+    before = state["num_batches"] + (xp.cumulative_sum(finite) - finite)
     weights = strategy.batch_weight({"num_batches": before}) * finite
-    keep = 1.0 - weights
-    order = xp.arange(size, device=_device(slots.means))
-    later = order[None, :] > order[:, None]  # later[t, s]: slot s comes after slot t
-    after = xp.prod(xp.where(later, keep[None, :], 1.0), axis=1)
+    after, decay = _suffix_products(xp, 1.0 - weights)
     coefficients = weights * after
-    decay = xp.prod(keep)
     means = xp.where(mask, slots.means, 0.0)
-    divisors = _per_slot(xp, xp.maximum(counts - 1.0, 1.0), slots.means.ndim)
+    divisors = _per_slot(xp, xp.clip(counts - 1.0, min=1.0), slots.m2s.ndim)
     variances = xp.where(mask, slots.m2s / divisors, 0.0)
     return {
-        "count": state["count"] + xp.sum(counts * finite),
+        "count": state["count"] + counts @ finite,
         "num_batches": state["num_batches"] + xp.sum(finite),
         "mean": state["mean"] * decay + _weighted_sum(xp, coefficients, means),
         "var": state["var"] * decay + _weighted_sum(xp, coefficients, variances),
@@ -142,22 +138,23 @@ def fold_pooled(state: State, slots: StackedMoments) -> State:
     batch's), so that the mean's offset from it, small for data far from zero, keeps the
     digits that one float64 mean would round away.
     """
-    xp, dtype, mask, finite = _masks(slots)
+    xp, mask, finite, counts = _masks(slots)
     empty = _as(xp, state["count"] == 0)
     kept_means = xp.where(mask, slots.means, 0.0)
-    first = xp.reshape(xp.argmax(finite), (1,))  # the first unmasked slot (0 if none)
-    origin = xp.where(empty, xp.take(kept_means, first, axis=0)[0], state["mean_origin"])
-    offset = xp.where(empty, state["mean_offset"] * 0.0, state["mean_offset"])
-    counts = xp.asarray(list(slots.counts), dtype=dtype, device=_device(slots.means)) * finite
+    # the first unmasked slot's mean, exactly: a product with the one-hot vector of that slot
+    first = finite * xp.astype(xp.cumulative_sum(finite) == 1.0, finite.dtype)
+    origin = xp.where(empty, _weighted_sum(xp, first, kept_means), state["mean_origin"])
+    offset = xp.where(empty, 0.0, state["mean_offset"])
+    counts = counts * finite
     relative = xp.where(mask, (kept_means - origin) - offset, 0.0)
-    m2s = xp.where(mask, slots.m2s, 0.0)
     pooled_count = xp.sum(counts)
-    delta = _weighted_sum(xp, counts, relative) / xp.maximum(pooled_count, 1.0)
+    delta = _weighted_sum(xp, counts, relative) / xp.clip(pooled_count, min=1.0)
     spread = relative - delta
-    pooled_m2 = xp.sum(m2s, axis=0) + _weighted_sum(xp, counts, spread * spread)
+    m2s = xp.where(mask, slots.m2s, 0.0)
+    pooled_m2 = _weighted_sum(xp, finite, m2s) + _weighted_sum(xp, counts, spread * spread)
     total = state["count"] + pooled_count
     # with no sample on either side any positive count avoids 0 / 0 (and the merge is 0)
-    count_a = state["count"] + xp.astype(total == 0, dtype)
+    count_a = state["count"] + xp.astype(total == 0, counts.dtype)
     step, m2 = chan_merge(count_a, state["m2"], pooled_count, delta, pooled_m2)
     return {
         "count": total,
@@ -168,17 +165,31 @@ def fold_pooled(state: State, slots: StackedMoments) -> State:
     }
 
 
-def _masks(slots: StackedMoments) -> tuple[Namespace, Any, Array, Array]:
-    """The namespace, the dtype of the statistics, the mask broadcast like ``means`` and
-    the mask as 0/1 numbers."""
+def _masks(slots: StackedMoments) -> tuple[Namespace, Array, Array, Array]:
+    """The namespace, the mask shaped to broadcast against ``means``, the mask as 0/1 numbers
+    and the counts, in the dtype of the statistics."""
     xp = array_api_compat.array_namespace(slots.means, slots.m2s)
     dtype = slots.means.dtype
+    counts: Array = slots.counts
+    if not hasattr(counts, "shape"):
+        counts = xp.asarray(list(counts), dtype=dtype, device=array_api_compat.device(slots.means))
+    elif counts.dtype != dtype:
+        counts = xp.astype(counts, dtype)
     mask = _per_slot(xp, slots.finite, slots.means.ndim)
-    return xp, dtype, mask, xp.astype(slots.finite, dtype)
+    return xp, mask, xp.astype(slots.finite, dtype), counts
+
+
+def _suffix_products(xp: Namespace, keep: Array) -> tuple[Array, Array]:
+    """``(prod_{s > t} keep[s] for every t, prod_t keep[t])``, by one cumulative product of
+    the reversed factors."""
+    products = xp.cumulative_prod(xp.flip(keep), include_initial=True)
+    return xp.flip(products[:-1]), products[-1]
 
 
 def _weighted_sum(xp: Namespace, weights: Array, stacked: Array) -> Array:
     """``sum_t weights[t] * stacked[t]`` as one vector-matrix product."""
+    if stacked.ndim == 2:
+        return weights @ stacked
     flat = xp.reshape(stacked, (stacked.shape[0], -1))
     return xp.reshape(weights @ flat, tuple(stacked.shape[1:]))
 
@@ -191,7 +202,3 @@ def _per_slot(xp: Namespace, a: Array, ndim: int) -> Array:
 def _as(xp: Namespace, value: Any) -> Array:
     """A number as a 0-d array (a state's counters may be either)."""
     return value if hasattr(value, "shape") else xp.asarray(value)
-
-
-def _device(a: Array) -> Any:
-    return array_api_compat.device(a)

@@ -147,6 +147,16 @@ def test_folding_in_parts_equals_folding_at_once(strategy):
 
 
 @pytest.mark.parametrize("strategy", EVERY, ids=ids(EVERY))
+def test_counts_given_as_an_array_fold_as_host_counts(strategy):
+    estimator = strategy()
+    start = stepped(estimator, initial(estimator), batches(2, seed=13))
+    slots = stacked(batches(9, seed=14), masked=(4,))
+    as_array = slots._replace(counts=np.asarray(slots.counts))
+    for key, value in estimator.fold(start, as_array).items():
+        assert np.array_equal(to_numpy(value), to_numpy(estimator.fold(start, slots)[key]))
+
+
+@pytest.mark.parametrize("strategy", EVERY, ids=ids(EVERY))
 def test_every_slot_masked_leaves_the_state_as_it_was(strategy):
     estimator = strategy()
     for start in (initial(estimator), stepped(estimator, initial(estimator), batches(2, 5))):
