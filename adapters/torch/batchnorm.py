@@ -390,15 +390,15 @@ class BatchNorm(_BatchNorm):
 
     # -- folding -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def fold_pending(self) -> None:
         """Fold the training batches the ring holds into the strategy and the running
         buffers now (every read of the statistics does; ``module.buffers()`` does not)."""
         ring = self._ring
-        if not ring.pending:
+        if not ring.pending:  # (checked before entering no_grad, which costs a few us)
             return
         assert self._ring_rule is not None  # set with the first pending slot
-        self._commit(self._ring_rule, ring.stacked(STATS_DTYPE))
+        with torch.no_grad():
+            self._commit(self._ring_rule, ring.stacked(STATS_DTYPE))
         ring.clear()
 
     @torch.no_grad()
