@@ -216,6 +216,13 @@ class Standardizer:
         self, X: Array, name: str, *, same_features: bool = True, finite: bool = False
     ) -> tuple[Namespace, Array, Any]:
         """``(namespace, X, output dtype)``: integer and bool ``X`` come back as float64."""
+        if isinstance(X, np.matrix | np.ma.MaskedArray):
+            # np.matrix makes * a matrix product; a masked array's mask would be ignored.
+            kind = "np.matrix" if isinstance(X, np.matrix) else "masked array"
+            raise TypeError(
+                f"{name}: expected a plain array, got a {kind}; pass np.asarray(X)"
+                + ("" if kind == "np.matrix" else " after filling or dropping the masked values")
+            )
         xp, X = as_array(X, name)
         if X.ndim != 2:
             raise ValueError(

@@ -589,7 +589,8 @@ def test_numpy_scalar_arguments_are_accepted():
     zero_d = ns.Standardizer(eps=np.array(0.5)).fit(x)
     np.testing.assert_allclose(zero_d.scale_, np.sqrt(x.var(axis=0) + 0.5), rtol=1e-12)
     copy = clone(numpy)
-    assert copy.get_params()["momentum"] is momentum
+    assert copy.get_params() == numpy.get_params()
+    np.testing.assert_array_equal(copy.fit(x).scale_, numpy.scale_)
 
 
 @pytest.mark.parametrize("method", ["fit", "partial_fit"])
@@ -628,3 +629,19 @@ def test_a_skipped_batch_leaves_the_statistics_and_an_all_skipped_fit_leaves_not
     assert not scaler.__sklearn_is_fitted__()
     with pytest.raises(NotFittedError):
         scaler.transform(x)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("method", ["fit", "partial_fit", "transform", "inverse_transform"])
+@pytest.mark.parametrize("kind", ["matrix", "masked"])
+def test_matrix_and_masked_input_are_refused(method, kind):
+    # Before: np.matrix made inverse_transform a matrix product (an error here, a wrong
+    # result for a square X) and transform return an np.matrix; a masked array's masked
+    # values entered fit as if they were data.
+    x = data(rows=20, features=3, seed=35)
+    scaler = ns.Standardizer().fit(x)
+    before = fitted_state(scaler)
+    bad = np.asmatrix(x) if kind == "matrix" else np.ma.masked_array(x, mask=x > 1)
+    with pytest.raises(TypeError, match=r"^X: expected a plain array, got a .*np\.asarray"):
+        getattr(scaler, method)(bad)
+    assert_same_fitted_state(scaler, before)
