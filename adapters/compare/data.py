@@ -82,7 +82,8 @@ def _npz(path: Path, seed: int) -> Dataset:
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DatasetError(f"--dataset: {path}: expected an .npz archive of X and y, got one array")
     with loaded as data:
-        missing = [k for k in ("X", "y") if k not in data]
+        # data.files, not data: before NumPy 2, "in" loads the array (and fails on objects).
+        missing = [k for k in ("X", "y") if k not in data.files]
         if missing:
             raise DatasetError(
                 f"--dataset: {path}: expected arrays 'X' and 'y', missing {missing} "
