@@ -36,10 +36,24 @@ _NAMESPACES: dict[type, Namespace] = {np.ndarray: array_api_compat.array_namespa
 
 
 def as_array(x: object, name: str) -> tuple[Namespace, Array]:
-    """Return ``(namespace, array)`` for an array-API array or anything NumPy can convert."""
+    """Return ``(namespace, array)`` for an array-API array or anything NumPy can convert.
+
+    A subclass of ``numpy.ndarray`` (``np.matrix``, ``np.memmap``) is viewed as a plain
+    ndarray, so that reductions keep NumPy's array semantics (``np.matrix`` makes ``@`` a
+    matrix product and keeps every result 2-d). A masked array (``numpy.ma``) is refused:
+    its masked entries would be counted as samples.
+    """
     xp = _NAMESPACES.get(type(x))
     if xp is not None:
         return xp, x
+    if isinstance(x, np.ndarray):
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(
+                f"{name}: expected a plain array, got a masked array (numpy.ma.MaskedArray, "
+                f"{describe(x)}) whose masked entries would count as samples; pass the "
+                f"unmasked samples instead, e.g. np.ma.compress_rows(x) or x.compressed()"
+            )
+        return _NAMESPACES[np.ndarray], x.view(np.ndarray)
     try:
         xp = array_api_compat.array_namespace(x)
     except TypeError:
@@ -138,7 +152,8 @@ def column_summer(xp: Namespace, d: Array, axes: tuple[int, ...]) -> Callable[[A
     k = len(axes)
     if type(d) is np.ndarray and k and axes[-1] == k - 1 and d.flags.c_contiguous:
         samples, features = _ones(math.prod(d.shape[:k])), d.shape[k:]
-        return lambda a: (samples @ a.reshape(samples.shape[0], -1)).reshape(features)
+        matrix_shape = (samples.shape[0], math.prod(features))  # explicit: a batch may be empty
+        return lambda a: (samples @ a.reshape(matrix_shape)).reshape(features)
     return lambda a: xp.sum(a, axis=axes)
 
 

@@ -326,3 +326,48 @@ def test_relative_error_helper_is_sane():
     assert relative_error_to_exact(np.array([1 / 3]), exact) < 2e-16
     assert relative_error_to_exact(np.array([1 / 3 * (1 + 1e-10)]), exact) > 9e-11
     assert max_relative_error(np.array([2.0]), np.array([1.0])) == 1.0
+
+
+# -- ndarray subclasses, empty batches ------------------------------------------------
+
+
+def test_masked_array_is_refused_with_what_to_pass_instead():
+    # Masked entries used to be summed as 0 but counted: the mean of [1, 2, (masked 100)]
+    # came out as 1.0, neither the masked mean 1.5 nor the raw one 34.3.
+    x = np.ma.array([[1.0], [2.0], [100.0]], mask=[[False], [False], [True]])
+    with pytest.raises(TypeError, match=r"^x\b") as info:
+        ns.Moments.from_array(x)
+    message = str(info.value)
+    assert "masked array" in message
+    assert "compress_rows" in message
+    # what it suggests gives the statistics of the unmasked samples
+    m = ns.Moments.from_array(np.ma.compress_rows(x))
+    assert m.count == 2
+    assert m.mean.tolist() == [1.5]
+
+
+def test_masked_array_without_masked_entries_is_refused_too():
+    with pytest.raises(TypeError, match="masked"):
+        ns.Moments.from_array(np.ma.array(normal((4, 2))))
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_matrix_input_gives_numpy_statistics():
+    # np.matrix used to reach a matrix product meant for plain arrays and raise.
+    x = np.matrix(normal((7, 3), seed=20))
+    plain = np.asarray(x)
+    m = ns.Moments.from_array(x)
+    assert type(m.mean) is np.ndarray
+    assert m.feature_shape == (3,)
+    np.testing.assert_allclose(m.mean, np.mean(plain, axis=0), rtol=RTOL)
+    np.testing.assert_allclose(m.var(ddof=1), np.var(plain, axis=0, ddof=1), rtol=RTOL)
+    m1 = ns.Moments.from_array(x, axis=1)
+    np.testing.assert_allclose(m1.mean, np.mean(plain, axis=1), rtol=RTOL)
+
+
+def test_from_array_of_empty_batch_is_the_identity():
+    # It used to raise "cannot reshape array of size 0", naming no parameter.
+    m = ns.Moments.from_array(np.zeros((0, 3)))
+    assert m.count == 0
+    a = ns.Moments.from_array(normal((4, 3)))
+    assert m + a == a

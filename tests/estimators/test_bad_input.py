@@ -52,6 +52,14 @@ BAD_BATCHES = [
     pytest.param([[1, 2, 3], [4, 5, 6]], 0, TypeError, "x", id="int-list"),
     pytest.param([["a", "b", "c"]] * 2, 0, TypeError, "x", id="str-list"),
     pytest.param(None, 0, TypeError, "x", id="none"),
+    pytest.param(
+        np.ma.array(good_batch(), mask=np.eye(5, FEATURES, dtype=bool)),
+        0,
+        TypeError,
+        "x",
+        id="masked",
+    ),
+    pytest.param(np.ma.array(good_batch()), 0, TypeError, "x", id="masked-nothing-masked"),
     pytest.param(good_batch(), 2, ValueError, "axis", id="axis-too-large"),
     pytest.param(good_batch(), -3, ValueError, "axis", id="axis-too-negative"),
     pytest.param(good_batch(), (0, 0), ValueError, "axis", id="axis-repeated"),
@@ -152,6 +160,25 @@ def test_bad_moments_leave_state(estimator_factory):
         with pytest.raises(ValueError, match=names("moments")):
             estimator.update_moments(moments)
         assert_state_exactly(estimator, before)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_matrix_batches_give_the_statistics_of_the_plain_array(estimator_factory):
+    # np.matrix used to raise "shapes not aligned" from inside the reduction.
+    xs = [good_batch(seed=8), good_batch(seed=9, rows=7)]
+    from_matrix, from_array = estimator_factory(), estimator_factory()
+    for x in xs:
+        from_matrix.update(np.matrix(x))
+        from_array.update(x)
+    assert type(from_matrix.mean) is np.ndarray
+    assert_same_state(from_matrix.state_dict(), from_array.state_dict())
+
+
+def test_masked_error_says_what_to_pass_instead(estimator_factory):
+    x = np.ma.masked_invalid(with_value(np.nan))
+    with pytest.raises(TypeError, match="masked") as info:
+        estimator_factory().update(x)
+    assert "compress_rows" in str(info.value)
 
 
 # -- nan_policy="skip" ---------------------------------------------------------------
