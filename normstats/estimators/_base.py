@@ -321,11 +321,16 @@ class Estimator:
         if counters["count"] > 0:
             arrays = _load_arrays(values, prefix)
             state = {"count": counters["count"], "num_batches": counters["num_batches"], **arrays}
+            self._check_state(state, prefix)
         else:  # before the first batch the arrays are placeholder numbers
             for key, placeholder in values.items():
                 as_real(f"state_dict[{prefix + key!r}]", placeholder)
         self._state = state
         self._num_batches_skipped = counters["num_batches_skipped"]
+
+    def _check_state(self, state: State, prefix: str) -> None:
+        """Raise ``ValueError`` for a loaded state that no stream of batches could produce
+        (beyond what every state is checked for: finite arrays, non-negative spreads)."""
 
     # -- shared machinery -----------------------------------------------------------
 

@@ -179,3 +179,22 @@ def test_user_strategy_update_whose_state_overflows_raises():
     with pytest.raises(ValueError, match=names("x")):
         estimator.update(normal_batch(seed=2) * 1e9)
     assert_same_state(estimator.state_dict(), before)
+
+
+def test_debiased_ema_state_whose_estimate_overflows_cannot_load():
+    # A finite state divided by the bias correction (0.01 after one batch of momentum 0.01)
+    # gave an inf estimate after loading; no stream of batches produces such a state.
+    source = ns.EMA(momentum=0.01, debias=True)
+    source.update(normal_batch())
+    state = {**source.state_dict(), "ema.mean": np.full(FEATURES, 1e307)}
+    target = ns.EMA(momentum=0.01, debias=True)
+    target.update(normal_batch(seed=3))
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"state_dict.*ema\.num_batches") as info:
+        target.load_state_dict(state)
+    assert "expected" in str(info.value)
+    assert_same_state(target.state_dict(), before)
+    # the same state is a valid one without bias correction
+    plain = ns.EMA(momentum=0.01)
+    plain.load_state_dict({**state, "ema.debias": False})
+    assert np.all(plain.mean == 1e307)
