@@ -280,7 +280,7 @@ class Moments:
 
     def __attrs_post_init__(self) -> None:
         shape = tuple(self.mean.shape)
-        xp = array_api_compat.array_namespace(self.mean)
+        xp = as_array(self.mean, "mean")[0]
         device = array_api_compat.device(self.mean)
         for name in ("m2", "mean_residual"):
             value = getattr(self, name)
@@ -288,7 +288,7 @@ class Moments:
                 raise ValueError(
                     f"{name}: expected the shape of mean {shape}, got {describe(value)}"
                 )
-            if array_api_compat.array_namespace(value) is not xp:
+            if as_array(value, name)[0] is not xp:
                 raise TypeError(
                     f"{name}: expected an array of the kind of mean "
                     f"({type(self.mean).__module__}.{type(self.mean).__name__}), got "
@@ -302,7 +302,7 @@ class Moments:
         for name in ("mean", "m2", "mean_residual"):
             if not all_finite(xp, getattr(self, name)):
                 raise ValueError(f"{name}: expected finite values, got NaN or Inf")
-        if not bool(xp.all(self.m2 >= 0)):
+        if math.prod(shape) and not self.m2.min() >= 0:
             raise ValueError(
                 "m2: expected non-negative values (a sum of squared deviations), got negative ones"
             )
