@@ -161,7 +161,8 @@ def column_summer(xp: Namespace, d: Array, axes: tuple[int, ...]) -> Callable[[A
     k = len(axes)
     if type(d) is np.ndarray and k and axes[-1] == k - 1 and d.flags.c_contiguous:
         samples, features = _ones(math.prod(d.shape[:k])), d.shape[k:]
-        matrix_shape = (samples.shape[0], math.prod(features))  # explicit: a batch may be empty
+        n = samples.shape[0]
+        matrix_shape = (n, -1) if n else (0, math.prod(features))  # -1 is ambiguous for 0 rows
         return lambda a: (samples @ a.reshape(matrix_shape)).reshape(features)
     if k:  # the array's own sum: on torch the array-API wrapper costs a third as much again
         return lambda a: a.sum(axes)
@@ -184,13 +185,20 @@ def clamp_non_negative(xp: Namespace, a: Array) -> Array:
 
 
 def all_finite(xp: Namespace, *arrays: Array) -> bool:
-    """Whether every element of every array is finite.
+    """Whether every element of every array is finite (checked once per batch: kept lean).
 
-    ``max(|a|)`` is finite exactly when every element is (NaN propagates through ``max``):
-    one host synchronisation per array on an accelerator. Two kernels: on torch a third of
-    what ``isfinite(a)`` then ``all`` costs, and on NumPy less than that pair too.
+    NumPy's ufuncs are called directly, without the Python wrappers of ``ndarray.all``.
+    Elsewhere ``max(|a|)`` is finite exactly when every element is (NaN propagates through
+    ``max``): two kernels and one host synchronisation per array, a third of what
+    ``isfinite`` then ``all`` costs on torch, where ``isfinite`` is several kernels.
     """
-    return all(not math.prod(a.shape) or math.isfinite(xp.abs(a).max()) for a in arrays)
+    for a in arrays:
+        if type(a) is np.ndarray:
+            if not np.logical_and.reduce(np.isfinite(a), axis=None):
+                return False
+        elif math.prod(a.shape) and not math.isfinite(xp.abs(a).max()):
+            return False
+    return True
 
 
 def quiet_overflow(x: object) -> AbstractContextManager[object]:

@@ -358,7 +358,7 @@ class Estimator:
 
     def _finite(self, xp: Namespace, state: State) -> bool:
         """Whether the arrays of ``state`` that could overflow are finite."""
-        return all_finite(xp, *[state[key] for key in self.overflow_keys or self.array_keys])
+        return all_finite(xp, *map(state.__getitem__, self.overflow_keys or self.array_keys))
 
     def _state_template(self) -> Array | None:
         """A state array (its feature shape, namespace and device), or None before any batch."""
