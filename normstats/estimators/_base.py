@@ -389,10 +389,12 @@ class Estimator:
                 f"{name}: expected a {type(template).__module__}.{type(template).__name__} "
                 f"like the estimator's state, got {type(x).__module__}.{type(x).__name__}"
             )
-        if x.device != template.device:
+        # NumPy arrays have no ``device`` before NumPy 2.0 (and are all on the CPU).
+        device, expected = getattr(x, "device", None), getattr(template, "device", None)
+        if device != expected:
             raise ValueError(
-                f"{name}: expected an array on {template.device}, where the statistics are, "
-                f"got one on {x.device}"
+                f"{name}: expected an array on {expected}, where the statistics are, "
+                f"got one on {device}"
             )
 
     def _check_mergeable(self: E, other: object) -> E:
