@@ -88,10 +88,24 @@ def check_floating(xp: Namespace, x: Array, name: str) -> None:
 
 
 def normalize_axis(axis: object, ndim: int, name: str = "axis") -> tuple[int, ...]:
-    """Return ``axis`` as a sorted tuple of non-negative ints, NumPy's convention."""
-    if not isinstance(axis, int | tuple):
+    """Return ``axis`` as a sorted tuple of non-negative ints, NumPy's convention.
+
+    NumPy integers count as ints (``axis=np.int64(0)``), as they do in NumPy.
+    """
+    if isinstance(axis, np.integer):
+        axis = int(axis)
+    if isinstance(axis, bool) or not isinstance(axis, int | tuple):
         raise TypeError(f"{name}: expected an int or a tuple of ints, got {axis!r}")
     return _normalize_axis(axis, ndim, name)
+
+
+def sample_axes(x: Array, axis: object, name: str = "x") -> tuple[int, ...]:
+    """The axes of ``x`` that hold samples, normalized; a 0-d ``x`` has none and is refused."""
+    if x.ndim == 0:
+        raise ValueError(
+            f"{name}: expected an array with at least one axis of samples, got {describe(x)}"
+        )
+    return normalize_axis(axis, x.ndim)
 
 
 @functools.lru_cache(maxsize=256)

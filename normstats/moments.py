@@ -48,8 +48,8 @@ from ._arrays import (
     column_summer,
     describe,
     expand_to,
-    normalize_axis,
     quiet_overflow,
+    sample_axes,
     split_shape,
 )
 from ._typing import Array, Axis, Namespace
@@ -337,7 +337,7 @@ class Moments:
         xp, x = as_array(x, "x")
         check_floating(xp, x, "x")
         with quiet_overflow(x):
-            batch = reduce_batch(xp, x, normalize_axis(axis, x.ndim))
+            batch = reduce_batch(xp, x, sample_axes(x, axis))
         if not batch.finite:
             raise non_finite_batch_error(xp, x, "x")
         return moments_of_batch(xp, batch)

@@ -162,7 +162,10 @@ class Standardizer:
                     "carried over to another strategy or setting. Call fit() to start afresh, "
                     "or set the old value back."
                 )
-        estimator.update(X, axis=0)
+        try:
+            estimator.update(X, axis=0)
+        except (TypeError, ValueError) as error:
+            raise _renamed(error, "x", "X") from None
         self._estimator, self._built_with = estimator, params
         self._publish(estimator, eps)
         return self
@@ -295,7 +298,7 @@ def _unknown_message(name: str, stats: str, where: str) -> str:
     )
     return (
         f"{where}: invalid parameter {name!r} for a Standardizer with stats={stats!r}: "
-        f"expected one of {accepted}{hint}"
+        f"expected one of {accepted}, got {name!r}{hint}"
     )
 
 
@@ -331,3 +334,14 @@ def _constant_features(mean: Array, var: Array, count: int) -> Array:
     """Features whose variance is within rounding of zero (scikit-learn's bound)."""
     eps = np.finfo(np.float64).eps
     return var <= count * eps * var + (count * mean * eps) ** 2
+
+
+def _renamed(error: Exception, name: str, new_name: str) -> Exception:
+    """``error`` with its message's leading parameter ``name`` called ``new_name``.
+
+    The strategy names the batch ``x``; the Standardizer's users pass it as ``X``.
+    """
+    message = str(error)
+    if message.startswith(f"{name}: "):
+        message = f"{new_name}: " + message.removeprefix(f"{name}: ")
+    return type(error)(message)

@@ -21,8 +21,8 @@ from .._arrays import (
     as_array,
     check_floating,
     describe,
-    normalize_axis,
     quiet_overflow,
+    sample_axes,
     split_shape,
 )
 from .._typing import Array, Axis, Namespace
@@ -166,7 +166,7 @@ class Estimator:
         """
         xp, x = as_array(x, "x")
         check_floating(xp, x, "x")
-        axes = normalize_axis(axis, x.ndim)
+        axes = sample_axes(x, axis)
         feature_shape, count = split_shape(tuple(x.shape), axes)
         self._check_batch(x, feature_shape, count, "x")
         with quiet_overflow(x):  # finiteness is checked, once for the batch and once folded
