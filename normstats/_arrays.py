@@ -7,9 +7,11 @@ tensor brings its own namespace.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import array_api_compat
@@ -36,10 +38,24 @@ _NAMESPACES: dict[type, Namespace] = {np.ndarray: array_api_compat.array_namespa
 
 
 def as_array(x: object, name: str) -> tuple[Namespace, Array]:
-    """Return ``(namespace, array)`` for an array-API array or anything NumPy can convert."""
+    """Return ``(namespace, array)`` for an array-API array or anything NumPy can convert.
+
+    A subclass of ``numpy.ndarray`` (``np.matrix``, ``np.memmap``) is viewed as a plain
+    ndarray, so that reductions keep NumPy's array semantics (``np.matrix`` makes ``@`` a
+    matrix product and keeps every result 2-d). A masked array (``numpy.ma``) is refused:
+    its masked entries would be counted as samples.
+    """
     xp = _NAMESPACES.get(type(x))
     if xp is not None:
         return xp, x
+    if isinstance(x, np.ndarray):
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(
+                f"{name}: expected a plain array, got a masked array (numpy.ma.MaskedArray, "
+                f"{describe(x)}) whose masked entries would count as samples; pass the "
+                f"unmasked samples instead, e.g. np.ma.compress_rows(x) or x.compressed()"
+            )
+        return _NAMESPACES[np.ndarray], x.view(np.ndarray)
     try:
         xp = array_api_compat.array_namespace(x)
     except TypeError:
@@ -72,10 +88,24 @@ def check_floating(xp: Namespace, x: Array, name: str) -> None:
 
 
 def normalize_axis(axis: object, ndim: int, name: str = "axis") -> tuple[int, ...]:
-    """Return ``axis`` as a sorted tuple of non-negative ints, NumPy's convention."""
-    if not isinstance(axis, int | tuple):
+    """Return ``axis`` as a sorted tuple of non-negative ints, NumPy's convention.
+
+    NumPy integers count as ints (``axis=np.int64(0)``), as they do in NumPy.
+    """
+    if isinstance(axis, np.integer):
+        axis = int(axis)
+    if isinstance(axis, bool) or not isinstance(axis, int | tuple):
         raise TypeError(f"{name}: expected an int or a tuple of ints, got {axis!r}")
     return _normalize_axis(axis, ndim, name)
+
+
+def sample_axes(x: Array, axis: object, name: str = "x") -> tuple[int, ...]:
+    """The axes of ``x`` that hold samples, normalized; a 0-d ``x`` has none and is refused."""
+    if x.ndim == 0:
+        raise ValueError(
+            f"{name}: expected an array with at least one axis of samples, got {describe(x)}"
+        )
+    return normalize_axis(axis, x.ndim)
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,6 +144,13 @@ def accumulation_dtype(xp: Namespace, x: Array) -> Any:
     return xp.float64 if _float64_works(xp, device) else xp.float32
 
 
+def accumulation_copy(xp: Namespace, x: Array) -> Array:
+    """A copy of ``x`` in its :func:`accumulation_dtype`, to accumulate sums in place."""
+    if type(x) is np.ndarray:  # without the array-API wrapper's checks: once per batch
+        return x.astype(np.float64)
+    return xp.astype(x, accumulation_dtype(xp, x), copy=True)
+
+
 @functools.lru_cache(maxsize=256)
 def split_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     """The feature shape (``shape`` without ``axes``) and the sample count (their product)."""
@@ -133,13 +170,17 @@ def column_summer(xp: Namespace, d: Array, axes: tuple[int, ...]) -> Callable[[A
 
     NumPy's ``sum(axis=0)`` walks a C-ordered batch row by row; when the reduced axes lead,
     a product of the batch viewed as (samples, features) with a vector of ones gives the same
-    float64 sums about three times as fast. Elsewhere the namespace's ``sum`` does.
+    float64 sums about three times as fast. Elsewhere the array's own ``sum`` does.
     """
     k = len(axes)
     if type(d) is np.ndarray and k and axes[-1] == k - 1 and d.flags.c_contiguous:
         samples, features = _ones(math.prod(d.shape[:k])), d.shape[k:]
-        return lambda a: (samples @ a.reshape(samples.shape[0], -1)).reshape(features)
-    return lambda a: xp.sum(a, axis=axes)
+        n = samples.shape[0]
+        matrix_shape = (n, -1) if n else (0, math.prod(features))  # -1 is ambiguous for 0 rows
+        return lambda a: (samples @ a.reshape(matrix_shape)).reshape(features)
+    if k:  # the array's own sum: on torch the array-API wrapper costs a third as much again
+        return lambda a: a.sum(axes)
+    return lambda a: xp.sum(a, axis=axes)  # no axes: no reduction (torch would sum them all)
 
 
 def expand_to(xp: Namespace, a: Array, ndim: int, axes: tuple[int, ...]) -> Array:
@@ -157,9 +198,31 @@ def clamp_non_negative(xp: Namespace, a: Array) -> Array:
     return xp.clip(a, min=0.0)
 
 
-def all_finite(xp: Namespace, a: Array) -> bool:
-    """Whether every element is finite (one host synchronisation on an accelerator)."""
-    return bool(xp.all(xp.isfinite(a)))
+def all_finite(xp: Namespace, *arrays: Array) -> bool:
+    """Whether every element of every array is finite (checked once per batch: kept lean).
+
+    NumPy's ufuncs are called directly, without the Python wrappers of ``ndarray.all``.
+    Elsewhere ``max(|a|)`` is finite exactly when every element is (NaN propagates through
+    ``max``): two kernels and one host synchronisation per array, a third of what
+    ``isfinite`` then ``all`` costs on torch, where ``isfinite`` is several kernels.
+    """
+    for a in arrays:
+        if type(a) is np.ndarray:
+            if not np.logical_and.reduce(np.isfinite(a), axis=None):
+                return False
+        elif math.prod(a.shape) and not math.isfinite(xp.abs(a).max()):
+            return False
+    return True
+
+
+def quiet_overflow(x: object) -> AbstractContextManager[object]:
+    """A context in which NumPy does not warn about overflow and NaN: for arithmetic on
+    arrays like ``x`` whose result the caller checks for finiteness itself (NaN and Inf then
+    raise or are skipped under a ``nan_policy``, which a warning turned into an error would
+    pre-empt). Other libraries do not warn: for them it does nothing."""
+    if isinstance(x, np.ndarray):
+        return np.errstate(over="ignore", invalid="ignore")
+    return contextlib.nullcontext()
 
 
 def arrays_equal(a: Array, b: Array) -> bool:

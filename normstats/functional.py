@@ -38,11 +38,16 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
-
-from ._arrays import as_array, check_floating, expand_to, normalize_axis, split_shape
+from ._arrays import (
+    as_array,
+    check_floating,
+    expand_to,
+    normalize_axis,
+    quiet_overflow,
+    split_shape,
+)
 from ._typing import Array, Namespace
-from .moments import Moments, reduce_batch
+from .moments import Moments, moments_of_batch, reduce_batch
 
 
 class Cache(NamedTuple):
@@ -81,7 +86,9 @@ def train_forward(
 
     ``gamma`` and ``beta`` have one value per feature (None: no scale / no shift). A batch
     with one value per feature raises ``ValueError``: its variance is zero and the output
-    would carry no information (PyTorch refuses it too).
+    would carry no information (PyTorch refuses it too). A batch with NaN or Inf raises
+    nothing here: its output and moments are not finite, and the caller applies its
+    ``nan_policy`` (an estimator's ``update_moments`` skips or refuses such moments).
 
     >>> import numpy as np
     >>> from normstats import functional as F
@@ -98,10 +105,10 @@ def train_forward(
             f"x: expected more than 1 value per feature when training, got input of shape "
             f"{tuple(x.shape)} ({count} value{'s' if count != 1 else ''} per feature)"
         )
-    batch = reduce_batch(xp, x, axes)
-    moments = Moments(batch.count, batch.mean, batch.m2)
     dtype = x.dtype
-    with np.errstate(invalid="ignore"):  # a NaN/Inf batch gives NaN; the caller decides
+    with quiet_overflow(x):  # a NaN/Inf batch gives NaN; the caller decides
+        batch = reduce_batch(xp, x, axes)
+        moments = moments_of_batch(xp, batch)
         inv_std = 1.0 / xp.sqrt(batch.m2 / count + eps)
         x_hat = x - _along(xp, batch.mean, x, axes, dtype)
         x_hat *= _along(xp, inv_std, x, axes, dtype)

@@ -1,4 +1,4 @@
-"""Standardizer (DESIGN 3.4) against scikit-learn's StandardScaler and exact references.
+"""Standardizer against scikit-learn's StandardScaler and exact references.
 
 The pooled strategies fed the same ``partial_fit`` batches as ``StandardScaler`` give its
 ``mean_``, ``var_``, ``scale_`` and ``n_samples_seen_`` to 1e-12 relative. On data with a
@@ -13,7 +13,7 @@ import pytest
 
 import normstats as ns
 
-from .helpers import exact_mean_m2, relative_error_to_exact
+from .helpers import exact_mean_m2, relative_error_to_exact, snapshot
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
@@ -320,3 +320,328 @@ def test_fitted_attributes_follow_sklearn_conventions():
     assert scaler.n_features_in_ == 4
     assert scaler.__sklearn_is_fitted__()
     assert not ns.Standardizer().__sklearn_is_fitted__()
+
+
+# -- fitted state, dtypes, parameters and refused input ----------------------------------
+
+ALL = ["welford", "exact", "cumulative", "ema"]
+
+
+def fitted_state(scaler):
+    """Copies of the parameters and fitted attributes, to compare before and after a call."""
+    state = {"params": dict(scaler.get_params())}
+    for name in ("mean_", "var_", "scale_", "n_samples_seen_", "n_features_in_"):
+        if hasattr(scaler, name):
+            value = getattr(scaler, name)
+            state[name] = np.copy(value) if isinstance(value, np.ndarray) else value
+    estimator = scaler._estimator
+    state["statistics"] = None if estimator is None else snapshot(estimator)
+    return state
+
+
+def assert_same_fitted_state(scaler, before):
+    after = fitted_state(scaler)
+    assert list(after) == list(before)
+    assert after["params"] == before["params"]
+    for name in ("mean_", "var_", "scale_"):
+        if name in before:
+            np.testing.assert_array_equal(after[name], before[name])
+    for name in ("n_samples_seen_", "n_features_in_"):
+        assert after.get(name) == before.get(name)
+    if before["statistics"] is None:
+        assert after["statistics"] is None
+    else:
+        assert list(after["statistics"]) == list(before["statistics"])
+        for key, value in before["statistics"].items():
+            np.testing.assert_array_equal(after["statistics"][key], value)
+
+
+@pytest.mark.parametrize("stats", ALL)
+def test_fit_with_another_feature_count_starts_afresh(stats):
+    # Before the fix the second fit raised "X: expected 3 features, got ... (50, 5)".
+    three, five = data(rows=50, features=3, seed=20), data(rows=60, features=5, seed=21)
+    scaler = ns.Standardizer(stats=stats).fit(three)
+    scaler.fit(five)
+    fresh = ns.Standardizer(stats=stats).fit(five)
+    assert scaler.n_features_in_ == 5
+    assert scaler.n_samples_seen_ == 60
+    np.testing.assert_array_equal(scaler.mean_, fresh.mean_)
+    np.testing.assert_array_equal(scaler.var_, fresh.var_)
+    np.testing.assert_array_equal(scaler.transform(five), fresh.transform(five))
+    with pytest.raises(ValueError, match=r"X: expected 5 features"):
+        scaler.partial_fit(three)
+    np.testing.assert_array_equal(
+        scaler.fit_transform(three), ns.Standardizer(stats=stats).fit_transform(three)
+    )
+    assert scaler.n_features_in_ == 3
+
+
+@pytest.mark.parametrize("stats", ALL)
+def test_float32_input_stays_float32(stats):
+    # Before the fix transform, inverse_transform and fit_transform returned float64 for
+    # float32 input, although the tags say float32 is preserved.
+    x = data(seed=22).astype(np.float32)
+    scaler = ns.Standardizer(stats=stats).fit(x)
+    as64 = ns.Standardizer(stats=stats).fit(x.astype(np.float64))
+    # The statistics are those of the float32 values, computed in float64.
+    assert scaler.mean_.dtype == np.float64
+    assert scaler.scale_.dtype == np.float64
+    np.testing.assert_array_equal(scaler.mean_, as64.mean_)
+    np.testing.assert_array_equal(scaler.scale_, as64.scale_)
+    # Each result is the float64 computation rounded once to float32.
+    transformed = scaler.transform(x)
+    assert transformed.dtype == np.float32
+    np.testing.assert_array_equal(
+        transformed, as64.transform(x.astype(np.float64)).astype(np.float32)
+    )
+    back = scaler.inverse_transform(transformed)
+    assert back.dtype == np.float32
+    expected = as64.inverse_transform(transformed.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(back, expected)
+    np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-5)
+    fit_transformed = ns.Standardizer(stats=stats).fit_transform(x)
+    assert fit_transformed.dtype == np.float32
+    np.testing.assert_array_equal(fit_transformed, transformed)
+
+
+def test_float32_output_agrees_with_standard_scaler():
+    x = data(seed=23).astype(np.float32)
+    theirs = StandardScaler().fit(x)
+    ours = ns.Standardizer().fit(x)
+    assert theirs.transform(x).dtype == ours.transform(x).dtype == np.float32
+    np.testing.assert_allclose(ours.transform(x), theirs.transform(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64, bool])
+def test_float64_integer_and_bool_input_give_float64(dtype):
+    x = (data(seed=24) > 0).astype(dtype) if dtype is bool else data(seed=24).astype(dtype)
+    scaler = ns.Standardizer().fit(x)
+    assert scaler.transform(x).dtype == np.float64
+    assert scaler.inverse_transform(x).dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    ("stats", "params", "name"),
+    [
+        ("welford", {"unknown": 1}, "unknown"),
+        ("welford", {"momentum": 0.2}, "momentum"),  # an argument of another strategy
+        ("ema", {"momentum": 0.2, "decay": 0.9}, "decay"),
+        ("ema", {"stats": "welford"}, "momentum"),  # the EMA's momentum would be left over
+        ("welford", {"standardizer__eps": 0.1}, "standardizer__eps"),
+    ],
+)
+def test_set_params_refuses_unknown_names(stats, params, name):
+    # Before the fix every name was accepted and the next fit raised a TypeError (or, for a
+    # strategy without arguments, silently kept them in get_params).
+    scaler = ns.Standardizer(stats=stats, **({"momentum": 0.1} if stats == "ema" else {}))
+    scaler.fit(data(seed=25))
+    before = fitted_state(scaler)
+    with pytest.raises(ValueError, match=rf"invalid parameter {name!r}") as caught:
+        scaler.set_params(**params)
+    assert "expected one of ['stats', 'eps'" in str(caught.value)
+    assert_same_fitted_state(scaler, before)
+
+
+def test_set_params_accepts_every_argument_of_the_chosen_strategy():
+    scaler = ns.Standardizer()
+    scaler.set_params(stats="ema", momentum=0.2, debias=True, nan_policy="skip", eps=1e-3)
+    assert scaler.get_params() == {
+        "stats": "ema",
+        "eps": 1e-3,
+        "momentum": 0.2,
+        "debias": True,
+        "nan_policy": "skip",
+    }
+    assert ns.Standardizer().set_params(nan_policy="skip").get_params()["nan_policy"] == "skip"
+
+
+def test_constructor_refuses_unknown_names():
+    with pytest.raises(TypeError, match=r"invalid parameter 'momentum'.*stats='welford'"):
+        ns.Standardizer(momentum=0.1)
+    with pytest.raises(TypeError, match=r"invalid parameter 'bogus'"):
+        ns.Standardizer(stats="ema", bogus=1)
+
+
+@pytest.mark.parametrize("value", [-1, 3.0, "helloworld", np.array([1.0, 4.0]), [1], {}, []])
+def test_values_are_checked_at_fit_not_at_construction_or_set_params(value):
+    # scikit-learn's convention (its search tools set any value, and fit reports it).
+    scaler = ns.Standardizer(stats=value, eps=value)
+    scaler.set_params(stats=value, eps=value)
+    with pytest.raises((TypeError, ValueError), match=r"^(stats|eps): "):
+        scaler.fit(data(rows=10))
+    assert not scaler.__sklearn_is_fitted__()
+
+
+@pytest.mark.parametrize("stats", ALL)
+def test_set_params_eps_between_partial_fits_keeps_the_statistics(stats):
+    # Before the fix the new eps started new statistics: the 150 earlier samples were lost.
+    x = data(seed=26)
+    kwargs = {"momentum": 0.2} if stats == "ema" else {}
+    scaler = ns.Standardizer(stats=stats, **kwargs)
+    scaler.partial_fit(x[:150])
+    scale_before = scaler.scale_.copy()
+    scaler.set_params(eps=0.5)
+    np.testing.assert_array_equal(scaler.scale_, scale_before)  # set_params fits nothing
+    scaler.partial_fit(x[150:])
+    reference = fed(ns.Standardizer(stats=stats, **kwargs), [x[:150], x[150:]])
+    assert scaler.n_samples_seen_ == 300
+    np.testing.assert_array_equal(scaler.mean_, reference.mean_)
+    np.testing.assert_array_equal(scaler.var_, reference.var_)
+    np.testing.assert_allclose(scaler.scale_, np.sqrt(reference.var_ + 0.5), rtol=1e-15)
+    if stats in POOLED:
+        np.testing.assert_allclose(scaler.var_, x.var(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("stats", "kwargs", "change", "name"),
+    [
+        ("welford", {}, {"stats": "exact"}, "stats"),
+        ("ema", {"momentum": 0.1}, {"momentum": 0.2}, "momentum"),
+        ("ema", {"momentum": 0.1}, {"debias": True}, "debias"),
+        ("welford", {}, {"nan_policy": "skip"}, "nan_policy"),
+    ],
+)
+def test_changing_the_strategy_between_partial_fits_raises(stats, kwargs, change, name):
+    # Before the fix the next partial_fit silently started new statistics.
+    x = data(seed=27)
+    scaler = ns.Standardizer(stats=stats, **kwargs)
+    scaler.partial_fit(x[:100])
+    before = fitted_state(scaler)
+    scaler.set_params(**change)
+    with pytest.raises(ValueError, match=rf"partial_fit: {name} changed from .* fit\(\)"):
+        scaler.partial_fit(x[100:])
+    before["params"] = scaler.get_params()
+    assert_same_fitted_state(scaler, before)
+    # fit() starts afresh with the new setting ...
+    scaler.fit(x[100:])
+    fresh = ns.Standardizer(**{"stats": stats, **kwargs, **change}).fit(x[100:])
+    np.testing.assert_array_equal(scaler.mean_, fresh.mean_)
+    assert scaler.n_samples_seen_ == 200
+
+
+def test_putting_the_old_setting_back_continues_the_statistics():
+    x = data(seed=28)
+    scaler = ns.Standardizer(stats="ema", momentum=0.1)
+    scaler.partial_fit(x[:100])
+    scaler.set_params(momentum=0.3)
+    with pytest.raises(ValueError, match="momentum changed"):
+        scaler.partial_fit(x[100:])
+    scaler.set_params(momentum=np.float64(0.1))  # the same setting, as a NumPy scalar
+    scaler.partial_fit(x[100:])
+    reference = fed(ns.Standardizer(stats="ema", momentum=0.1), [x[:100], x[100:]])
+    np.testing.assert_array_equal(scaler.var_, reference.var_)
+    assert scaler.n_samples_seen_ == 300
+
+
+@pytest.mark.parametrize("method", ["transform", "inverse_transform"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_transform_refuses_non_finite_input(method, bad):
+    # Before the fix NaN and Inf came out of transform and inverse_transform as NaN and Inf.
+    scaler = ns.Standardizer().fit(data(seed=29))
+    before = fitted_state(scaler)
+    x = data(rows=10, seed=30)
+    x[4, 2] = bad
+    with pytest.raises(ValueError, match=r"^X: expected finite values, got .* NaN or Inf"):
+        getattr(scaler, method)(x)
+    assert_same_fitted_state(scaler, before)
+    with pytest.raises(ValueError, match=r"^X: expected finite values"):
+        getattr(scaler, method)(x.astype(np.float32))
+
+
+def test_inverse_transform_refuses_a_result_that_overflows_float32():
+    scaler = ns.Standardizer().fit(np.array([[0.0], [2e30]]))  # scale 1e30
+    with pytest.raises(ValueError, match=r"^X: .*fits in float32"):
+        scaler.inverse_transform(np.array([[1e10]], dtype=np.float32))
+    assert scaler.inverse_transform(np.array([[1e10]])).dtype == np.float64
+
+
+@pytest.mark.parametrize("eps", [np.inf, -np.inf, np.nan, -1e-3, np.float32(np.inf)])
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_eps_must_be_finite_and_non_negative(eps, method):
+    # Before the fix eps=inf gave scale_ = inf, and transform turned every value into 0.
+    x = data(seed=31)
+    scaler = ns.Standardizer().fit(x)
+    before = fitted_state(scaler)
+    scaler.set_params(eps=eps)
+    before["params"] = scaler.get_params()
+    with pytest.raises(ValueError, match=r"^eps: expected a finite non-negative number"):
+        getattr(scaler, method)(x)
+    assert_same_fitted_state(scaler, before)
+    with pytest.raises(ValueError, match=r"^eps: "):
+        ns.Standardizer(eps=eps).fit(x)
+
+
+@pytest.mark.parametrize("eps", ["1e-3", None, True, [1e-3]])
+def test_eps_of_another_type_raises_type_error(eps):
+    with pytest.raises(TypeError, match=r"^eps: expected a real number"):
+        ns.Standardizer(eps=eps).fit(data(rows=10))
+
+
+def test_numpy_scalar_arguments_are_accepted():
+    x = data(seed=32)
+    plain = ns.Standardizer(stats="ema", eps=1e-5, momentum=0.01).fit(x)
+    eps, momentum = np.float32(1e-5), np.float64(0.01)
+    numpy = ns.Standardizer(stats="ema", eps=eps, momentum=momentum)
+    assert numpy.get_params()["eps"] is eps  # kept as given, as clone requires
+    numpy.fit(x)
+    np.testing.assert_array_equal(numpy.mean_, plain.mean_)
+    np.testing.assert_allclose(numpy.scale_, np.sqrt(plain.var_ + float(eps)), rtol=1e-15)
+    zero_d = ns.Standardizer(eps=np.array(0.5)).fit(x)
+    np.testing.assert_allclose(zero_d.scale_, np.sqrt(x.var(axis=0) + 0.5), rtol=1e-12)
+    copy = clone(numpy)
+    assert copy.get_params() == numpy.get_params()
+    np.testing.assert_array_equal(copy.fit(x).scale_, numpy.scale_)
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda x: np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x),
+        lambda x: x[:, 0],
+        lambda x: x.astype(str),
+        lambda x: x[:1],  # one sample: too few for the EMA's unbiased batch variance
+    ],
+    ids=["nan", "1-d", "strings", "one-sample"],
+)
+def test_errors_in_fit_leave_the_fitted_state_as_it_was(method, bad):
+    x = data(seed=33)
+    scaler = ns.Standardizer(stats="ema").fit(x)
+    before = fitted_state(scaler)
+    with pytest.raises((TypeError, ValueError)):
+        getattr(scaler, method)(bad(x))
+    assert_same_fitted_state(scaler, before)
+
+
+def test_a_skipped_batch_leaves_the_statistics_and_an_all_skipped_fit_leaves_nothing():
+    x = data(seed=34)
+    nan_batch = x[:20].copy()
+    nan_batch[3, 1] = np.nan
+    scaler = ns.Standardizer(nan_policy="skip").fit(x)
+    before = fitted_state(scaler)
+    scaler.partial_fit(nan_batch)
+    after = fitted_state(scaler)
+    for name in ("mean_", "var_", "scale_"):
+        np.testing.assert_array_equal(after[name], before[name])
+    assert after["n_samples_seen_"] == before["n_samples_seen_"] == len(x)
+    scaler.fit(nan_batch)  # forgets x, then skips the only batch: nothing is fitted
+    assert not hasattr(scaler, "mean_")
+    assert not scaler.__sklearn_is_fitted__()
+    with pytest.raises(NotFittedError):
+        scaler.transform(x)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("method", ["fit", "partial_fit", "transform", "inverse_transform"])
+@pytest.mark.parametrize("kind", ["matrix", "masked"])
+def test_matrix_and_masked_input_are_refused(method, kind):
+    # Before: np.matrix made inverse_transform a matrix product (an error here, a wrong
+    # result for a square X) and transform return an np.matrix; a masked array's masked
+    # values entered fit as if they were data.
+    x = data(rows=20, features=3, seed=35)
+    scaler = ns.Standardizer().fit(x)
+    before = fitted_state(scaler)
+    bad = np.asmatrix(x) if kind == "matrix" else np.ma.masked_array(x, mask=x > 1)
+    with pytest.raises(TypeError, match=r"^X: expected a plain array, got a .*np\.asarray"):
+        getattr(scaler, method)(bad)
+    assert_same_fitted_state(scaler, before)

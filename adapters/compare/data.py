@@ -82,38 +82,73 @@ def _npz(path: Path, seed: int) -> Dataset:
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DatasetError(f"--dataset: {path}: expected an .npz archive of X and y, got one array")
     with loaded as data:
-        missing = [k for k in ("X", "y") if k not in data]
+        # data.files, not data: before NumPy 2, "in" loads the array (and fails on objects).
+        missing = [k for k in ("X", "y") if k not in data.files]
         if missing:
             raise DatasetError(
                 f"--dataset: {path}: expected arrays 'X' and 'y', missing {missing} "
                 f"(found {sorted(data.files)})"
             )
-        try:
-            X, y = data["X"], data["y"]
-        except ValueError as error:  # object arrays, which need pickle
-            raise DatasetError(
-                f"--dataset: {path}: X and y must be numeric arrays ({error})"
-            ) from None
-    if len(X) != len(y):
-        raise DatasetError(f"--dataset: {path}: X has {len(X)} rows but y has {len(y)} labels")
-    if not np.issubdtype(X.dtype, np.number):
-        raise DatasetError(f"--dataset: {path}: X must be numeric, got dtype {X.dtype}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DatasetError(f"--dataset: {path}: y must hold integer class labels, got {y.dtype}")
-    if len(y) == 0:
-        raise DatasetError(f"--dataset: {path}: expected samples, got none")
-    if y.min() < 0:
-        raise DatasetError(f"--dataset: {path}: y must hold labels 0..K-1, got {y.min()}")
-    smallest = int(np.bincount(y)[np.unique(y)].min())
-    if smallest < 2:
-        raise DatasetError(
-            f"--dataset: {path}: every class needs at least 2 samples for a stratified "
-            f"train/test split, got a class with {smallest}"
-        )
+        arrays = {}
+        for key in ("X", "y"):
+            try:
+                arrays[key] = data[key]
+            except ValueError:  # an object array, which only pickle could load
+                raise DatasetError(
+                    f"--dataset: {path}: {key} must be a numeric array, got an array of Python "
+                    "objects (not loaded: it would need pickle)"
+                ) from None
+    X, y = arrays["X"], arrays["y"]
+    _check_arrays(path, X, y)
     shape = (1, *X.shape[1:]) if X.ndim > 2 else (1, X.shape[1])
     return _split(
         str(path), X.reshape(len(X), -1).astype(np.float64), y.astype(np.int64), shape, seed
     )
+
+
+def _check_arrays(path: Path, X: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> None:
+    """Raise ``DatasetError`` naming ``path`` and the array unless ``X`` holds one finite,
+    real feature row per sample and ``y`` one label in 0..K-1 per sample, every class twice."""
+    where = f"--dataset: {path}:"
+    if X.ndim < 2:
+        raise DatasetError(
+            f"{where} X must hold one row of features per sample (2-D or more), got shape {X.shape}"
+        )
+    if y.ndim != 1:
+        raise DatasetError(f"{where} y must hold one label per sample (1-D), got shape {y.shape}")
+    if len(X) != len(y):
+        raise DatasetError(f"{where} X has {len(X)} rows but y has {len(y)} labels")
+    if X.dtype.kind not in "iuf":
+        raise DatasetError(f"{where} X must be numeric (integers or reals), got dtype {X.dtype}")
+    if y.dtype.kind not in "iu":
+        raise DatasetError(f"{where} y must hold integer class labels, got {y.dtype}")
+    if len(y) == 0:
+        raise DatasetError(f"{where} expected samples, got none")
+    if X[0].size == 0:
+        raise DatasetError(f"{where} X must have at least one feature, got shape {X.shape}")
+    finite = np.isfinite(X)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.reshape(len(X), -1).all(axis=1))
+        raise DatasetError(
+            f"{where} X must be finite, got NaN or Inf in {len(rows)} of {len(X)} rows "
+            f"(the first is row {rows[0]})"
+        )
+    labels, counts = np.unique(y, return_counts=True)
+    if labels[0] < 0:
+        raise DatasetError(f"{where} y must hold labels 0..K-1, got {labels[0]}")
+    if labels[-1] != len(labels) - 1:
+        absent = sorted(set(range(min(int(labels[-1]), len(y)) + 1)) - set(labels.tolist()))
+        raise DatasetError(
+            f"{where} y must hold the labels 0..K-1, each at least once, got {len(labels)} "
+            f"distinct labels up to {labels[-1]} (absent: {absent[:5]}"
+            f"{', ...' if len(absent) > 5 else ''})"
+        )
+    smallest = int(counts.min())
+    if smallest < 2:
+        raise DatasetError(
+            f"{where} every class needs at least 2 samples for a stratified train/test split, "
+            f"got a class with {smallest}"
+        )
 
 
 def _split(
@@ -141,7 +176,9 @@ def _standardized(
     y_test: np.ndarray[Any, Any],
     shape: tuple[int, ...],
 ) -> Dataset:
-    scaler = ns.Standardizer().fit(X_train)
-    return Dataset(
-        name, scaler.transform(X_train), y_train, scaler.transform(X_test), y_test, shape
-    )
+    try:
+        scaler = ns.Standardizer().fit(X_train)
+        X_train, X_test = scaler.transform(X_train), scaler.transform(X_test)
+    except ValueError as error:  # values whose squares overflow, for one
+        raise DatasetError(f"--dataset: {name}: X cannot be standardized ({error})") from None
+    return Dataset(name, X_train, y_train, X_test, y_test, shape)

@@ -80,12 +80,15 @@ def write(records: Sequence[Record], out: Path) -> list[Path]:
     """``results.json``, ``results.csv`` and the plots in ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.as_dict() for r in records]
-    (out / "results.json").write_text(json.dumps({"records": rows}, indent=1))
+    # Strict JSON: a missing value is null (its record says why); a NaN or Inf raises here
+    # rather than be written as the bare NaN that standard JSON parsers refuse.
+    (out / "results.json").write_text(json.dumps({"records": rows}, indent=1, allow_nan=False))
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["strategy"])
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "stats_distance": json.dumps(row["stats_distance"])})
+            distance = json.dumps(row["stats_distance"], allow_nan=False)
+            writer.writerow({**row, "stats_distance": distance})
     return [out / "results.json", out / "results.csv", *plot(records, out)]
 
 
@@ -135,9 +138,10 @@ def plot(records: Sequence[Record], out: Path) -> list[Path]:
     distances: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     several = len({r.epochs for r in records}) > 1  # keep training lengths apart
     for r in records:
-        if r.stats_distance:
+        known = [d for d in r.stats_distance if d is not None]
+        if known:
             label = f"{r.strategy} ({r.epochs} ep)" if several else r.strategy
-            distances[(r.backend, label, r.batch_size)].append(float(np.mean(r.stats_distance)))
+            distances[(r.backend, label, r.batch_size)].append(float(np.mean(known)))
     backends = sorted({k[0] for k in distances})
     figure, axes = plt.subplots(
         1, max(len(backends), 1), figsize=(6 * max(len(backends), 1), 4.2), squeeze=False

@@ -9,6 +9,7 @@ from the exact full-pass statistics is measured per layer.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections import defaultdict
@@ -40,9 +41,13 @@ class Record:
     strategy: str
     accuracy: float
     calibration_batch_size: int
-    stats_distance: list[float]
+    stats_distance: list[float | None]
     """Per BatchNorm layer: mean over channels of |mu - mu_exact| / sigma_exact +
-    |sigma / sigma_exact - 1| (0 for the exact statistics; empty for "batch")."""
+    |sigma / sigma_exact - 1| (0 for the exact statistics; empty for "batch"). Channels whose
+    exact variance is 0 have no such distance and are left out; a layer with no channel left
+    (or with non-finite statistics) gets None, and ``stats_distance_note`` says why."""
+    stats_distance_note: str = ""
+    """Why a layer's distance is None or leaves channels out; empty when every channel counts."""
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -248,18 +253,51 @@ def _one_network(
                     name,
                     accuracy[name],
                     calibration_batch_size,
-                    _distance(found[name], reference),
+                    *_distance(found[name], reference),
                 )
             )
     return records
 
 
-def _distance(stats: Statistics | None, reference: Statistics | None) -> list[float]:
+def _distance(
+    stats: Statistics | None, reference: Statistics | None
+) -> tuple[list[float | None], str]:
+    """The per-layer distances of ``stats`` from ``reference`` and a note on what is missing.
+
+    The distance is relative to the exact standard deviation. Where the exact variance is 0
+    (a unit that is constant over the training set, as after a constant input) it is 0 for
+    the same statistics and undefined for others: such channels are left out of their
+    layer's mean, and a layer with no channel left gets None.
+    """
     if stats is None or reference is None:
-        return []
-    distances = []
-    for (mean, var), (mean_ref, var_ref) in zip(stats, reference, strict=True):
-        sigma_ref = np.sqrt(var_ref)
-        distance = np.abs(mean - mean_ref) / sigma_ref + np.abs(np.sqrt(var / var_ref) - 1)
-        distances.append(float(np.mean(distance)))
-    return distances
+        return [], ""
+    distances: list[float | None] = []
+    notes = []
+    for layer, ((mean, var), (mean_ref, var_ref)) in enumerate(zip(stats, reference, strict=True)):
+        where = f"stats_distance[{layer}]"
+        same = (mean == mean_ref) & (var == var_ref)
+        defined = (var_ref > 0) | same
+        if not defined.any():
+            distances.append(None)
+            notes.append(
+                f"{where} is null: the exact variance is 0 in all {defined.size} channels and "
+                "these statistics differ from the exact ones, so no distance relative to it "
+                "is defined"
+            )
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma_ref = np.sqrt(var_ref)
+            distance = np.abs(mean - mean_ref) / sigma_ref + np.abs(np.sqrt(var / var_ref) - 1)
+        value = float(np.mean(np.where(same, 0.0, distance)[defined]))
+        if not math.isfinite(value):
+            distances.append(None)
+            notes.append(f"{where} is null: the statistics are not finite (training diverged?)")
+            continue
+        distances.append(value)
+        if not defined.all():
+            notes.append(
+                f"{where} is the mean over {int(defined.sum())} of {defined.size} channels: in "
+                f"the other {int((~defined).sum())} the exact variance is 0 and these "
+                "statistics differ from the exact ones, so no distance relative to it is defined"
+            )
+    return distances, "; ".join(notes)

@@ -147,6 +147,9 @@ class BatchNorm(_BatchNorm):
 
     _version = 2
 
+    # None without affine (or bias), in torch's layers too, whose inferred type omits it
+    weight: nn.Parameter | None  # type: ignore[assignment]
+    bias: nn.Parameter | None  # type: ignore[assignment]
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None

@@ -135,9 +135,10 @@ def _reverted(layer: BatchNorm) -> nn.Module:
         "momentum": momentum,
         "affine": layer.affine,
         "track_running_stats": layer.track_running_stats,
-        "bias": layer.bias is not None,
         **factory,
     }
+    if layer.affine and layer.bias is None:  # older torch releases take no ``bias`` argument
+        arguments["bias"] = False
     if cls is nn.SyncBatchNorm:
         arguments["process_group"] = layer.process_group
     torch_layer = cls(layer.num_features, **arguments)

@@ -15,17 +15,19 @@ import array_api_compat
 import attrs
 
 from .._arrays import (
+    accumulation_copy,
     accumulation_dtype,
     all_finite,
     as_array,
     check_floating,
     describe,
-    normalize_axis,
+    quiet_overflow,
+    sample_axes,
     split_shape,
 )
-from .._typing import Array, Axis
+from .._typing import Array, Axis, Namespace
 from .._validation import as_count, as_flag, as_real, check_nan_policy
-from ..moments import Moments, ShiftedMoments, reduce_batch
+from ..moments import Moments, ShiftedMoments, non_finite_batch_error, reduce_batch
 from ._fold import StackedMoments, fold_by_steps
 from ._protocol import RunningStats, StateValue
 
@@ -61,6 +63,10 @@ class Estimator:
     """Fewest samples per feature a batch may have (2 where the unbiased batch variance is used)."""
     array_keys: ClassVar[tuple[str, ...]]
     """Names of the state arrays, in ``state_dict`` order."""
+    overflow_keys: ClassVar[tuple[str, ...] | None] = None
+    """The state arrays in which any overflow of a fold of finite values shows (checked
+    after every fold: a host synchronisation each on an accelerator); None for all of
+    ``array_keys``."""
 
     _nan_policy: str = attrs.field(
         default="raise", kw_only=True, validator=check_nan_policy, alias="nan_policy"
@@ -163,39 +169,39 @@ class Estimator:
     def update(self, x: Array, axis: Axis = 0) -> None:
         """Fold in the batch ``x``, reduced over ``axis`` (``(0, 2, 3)`` for NCHW).
 
-        Raises ``TypeError`` for a non-floating dtype and ``ValueError`` for a batch with too
-        few samples, a feature shape other than earlier batches', or NaN/Inf values (unless
+        Raises ``TypeError`` for a non-floating dtype or a masked array and ``ValueError``
+        for a batch with too few samples, a feature shape other than earlier batches', or
+        NaN/Inf values or a fold whose result overflows float64 (unless
         ``nan_policy="skip"``); the estimator is unchanged when it raises.
         """
         xp, x = as_array(x, "x")
         check_floating(xp, x, "x")
-        axes = normalize_axis(axis, x.ndim)
+        axes = sample_axes(x, axis)
         feature_shape, count = split_shape(tuple(x.shape), axes)
         self._check_batch(x, feature_shape, count, "x")
-        batch = reduce_batch(xp, x, axes)
-        if not batch.finite:
-            if self._nan_policy == "skip":
-                self._num_batches_skipped += 1
+        with quiet_overflow(x):  # finiteness is checked, once for the batch and once folded
+            batch = reduce_batch(xp, x, axes)
+            if batch.finite:
+                self._fold(xp, batch, "x")
                 return
-            if all_finite(xp, x):
-                raise ValueError(
-                    "x: expected values whose squares fit in float64, got values so large that "
-                    "their squares overflow"
-                )
-            raise ValueError("x: expected finite values, got a batch containing NaN or Inf")
-        self._commit(batch)
+        self._skip_or_raise(non_finite_batch_error(xp, x, "x"))
 
     def update_moments(self, moments: Moments) -> None:
-        """Fold in precomputed batch :class:`~normstats.Moments`; ``count == 0`` changes nothing."""
-        batch = self._as_batch(moments, min_count=self.min_batch_count)
-        if batch is None:
+        """Fold in precomputed batch :class:`~normstats.Moments`; ``count == 0`` changes nothing.
+
+        As exact as :meth:`update` with the batch itself: the moments' ``mean_residual``
+        carries the digits of the mean beyond float64. A fold whose result overflows
+        float64 raises ``ValueError`` (or is skipped under ``nan_policy="skip"``).
+        """
+        given = self._as_batch(moments, min_count=self.min_batch_count)
+        if given is None:
             return
-        if not batch.finite:
-            if self._nan_policy == "skip":
-                self._num_batches_skipped += 1
-                return
-            raise ValueError("moments: expected finite mean and m2, got NaN or Inf")
-        self._commit(batch)
+        xp, batch = given
+        if batch.finite:
+            with quiet_overflow(batch.m2):  # the fold is checked
+                self._fold(xp, batch, "moments")
+        else:
+            self._skip_or_raise(ValueError("moments: expected finite mean and m2, got NaN or Inf"))
 
     def load_moments(self, moments: Moments) -> None:
         """Replace the estimate by population statistics measured elsewhere (a calibration).
@@ -205,13 +211,21 @@ class Estimator:
         how an exact full pass is written into a layer's statistics. Invalid moments raise and
         change nothing.
         """
-        batch = self._as_batch(moments, min_count=2)
-        if batch is None or not batch.finite:
+        given = self._as_batch(moments, min_count=2)
+        if given is None or not given[1].finite:
             raise ValueError(
                 "moments: expected the finite moments of at least 2 samples, got "
-                f"count={moments.count}" + ("" if batch is None else " with NaN or Inf")
+                f"count={moments.count}" + ("" if given is None else " with NaN or Inf")
             )
-        self._state = self.calibrated_state(batch)
+        xp, batch = given
+        with quiet_overflow(batch.m2):  # overflow is checked below
+            state = self.calibrated_state(batch)
+        if not self._finite(xp, state):
+            raise ValueError(
+                "moments: expected moments whose statistics fit in float64, got ones whose "
+                "estimate overflows"
+            )
+        self._state = state
         self._num_batches_skipped = 0
 
     def calibrated_state(self, batch: ShiftedMoments) -> State:
@@ -221,8 +235,18 @@ class Estimator:
         """
         return self.step(self._first_state(batch), batch)
 
-    def _as_batch(self, moments: Moments, min_count: int) -> ShiftedMoments | None:
-        """Validated float64 ``moments`` as a batch, or None when ``count`` is 0."""
+    def _as_batch(
+        self, moments: Moments, min_count: int
+    ) -> tuple[Namespace, ShiftedMoments] | None:
+        """Validated float64 ``moments`` as a batch (and its namespace), or None when
+        ``count`` is 0.
+
+        The batch is the mean's two parts, ``shift = mean`` and ``delta = mean_residual``,
+        so that a strategy that keeps its mean to more than float64 precision keeps every
+        digit of it. ``finite`` is known from ``m2`` alone: a constructed ``Moments`` is
+        finite, and the library's unchecked ones (a NaN training batch's) are finite only
+        if their ``m2`` is.
+        """
         if not isinstance(moments, Moments):
             raise TypeError(f"moments: expected normstats.Moments, got {type(moments).__name__}")
         if moments.count == 0:
@@ -235,9 +259,9 @@ class Estimator:
         self._check_batch(moments.mean, moments.feature_shape, moments.count, "moments")
         dtype = accumulation_dtype(xp, moments.mean)
         mean = xp.astype(moments.mean, dtype)
+        residual = xp.astype(moments.mean_residual, dtype)
         m2 = xp.astype(moments.m2, dtype)
-        finite = all_finite(xp, mean) and all_finite(xp, m2)
-        return ShiftedMoments(moments.count, mean, xp.zeros_like(mean), m2, finite=finite)
+        return xp, ShiftedMoments(moments.count, mean, residual, m2, finite=all_finite(xp, m2))
 
     def reset(self) -> None:
         """Forget every batch; hyperparameters and ``nan_policy`` stay."""
@@ -307,17 +331,44 @@ class Estimator:
         if counters["count"] > 0:
             arrays = _load_arrays(values, prefix)
             state = {"count": counters["count"], "num_batches": counters["num_batches"], **arrays}
+            self._check_state(state, prefix)
         else:  # before the first batch the arrays are placeholder numbers
             for key, placeholder in values.items():
                 as_real(f"state_dict[{prefix + key!r}]", placeholder)
         self._state = state
         self._num_batches_skipped = counters["num_batches_skipped"]
 
+    def _check_state(self, state: State, prefix: str) -> None:
+        """Raise ``ValueError`` for a loaded state that no stream of batches could produce
+        (beyond what every state is checked for: finite arrays, non-negative spreads)."""
+
     # -- shared machinery -----------------------------------------------------------
 
-    def _commit(self, batch: ShiftedMoments) -> None:
+    def _fold(self, xp: Namespace, batch: ShiftedMoments, name: str) -> None:
+        """Fold a finite batch in, unless the result overflows float64: that batch is then
+        bad input like a non-finite one (raised, or skipped and counted). Run under
+        :func:`quiet_overflow`."""
         state = self._state if self._state is not None else self._first_state(batch)
-        self._state = self.step(state, batch)
+        new = self.step(state, batch)
+        if self._finite(xp, new):
+            self._state = new
+        else:
+            self._skip_or_raise(
+                ValueError(
+                    f"{name}: expected a batch whose fold into the running statistics fits in "
+                    "float64, got one that makes them overflow"
+                )
+            )
+
+    def _skip_or_raise(self, error: ValueError) -> None:
+        """A bad batch: counted in ``num_batches_skipped`` under ``nan_policy="skip"``."""
+        if self._nan_policy != "skip":
+            raise error
+        self._num_batches_skipped += 1
+
+    def _finite(self, xp: Namespace, state: State) -> bool:
+        """Whether the arrays of ``state`` that could overflow are finite."""
+        return all_finite(xp, *map(state.__getitem__, self.overflow_keys or self.array_keys))
 
     def _state_template(self) -> Array | None:
         """A state array (its feature shape, namespace and device), or None before any batch."""
@@ -348,10 +399,12 @@ class Estimator:
                 f"{name}: expected a {type(template).__module__}.{type(template).__name__} "
                 f"like the estimator's state, got {type(x).__module__}.{type(x).__name__}"
             )
-        if x.device != template.device:
+        # NumPy arrays have no ``device`` before NumPy 2.0 (and are all on the CPU).
+        device, expected = getattr(x, "device", None), getattr(template, "device", None)
+        if device != expected:
             raise ValueError(
-                f"{name}: expected an array on {template.device}, where the statistics are, "
-                f"got one on {x.device}"
+                f"{name}: expected an array on {expected}, where the statistics are, "
+                f"got one on {device}"
             )
 
     def _check_mergeable(self: E, other: object) -> E:
@@ -368,19 +421,29 @@ class Estimator:
         return other
 
     def merge(self, other: RunningStats) -> None:
-        """Fold in another estimator's stream (each strategy says whether it can)."""
+        """Fold in another estimator's stream (each strategy says whether it can).
+
+        Raises ``ValueError`` when the merged statistics overflow float64; both estimators
+        are then unchanged.
+        """
         theirs = self._check_mergeable(other)
-        if theirs._state is not None:
-            mine = self._state
-            self._state = (
-                dict(theirs._state)
-                if mine is None
-                else {
+        mine = self._state
+        if theirs._state is not None and mine is not None:
+            with quiet_overflow(mine[self.array_keys[0]]):  # overflow is checked below
+                merged = {
                     "count": mine["count"] + theirs._state["count"],
                     "num_batches": mine["num_batches"] + theirs._state["num_batches"],
                     **self._merge_arrays(mine, theirs._state),
                 }
-            )
+            xp = array_api_compat.array_namespace(merged[self.array_keys[0]])
+            if not self._finite(xp, merged):
+                raise ValueError(
+                    "other: expected an estimator whose merge with this one fits in float64, "
+                    "got one whose merged statistics overflow"
+                )
+            self._state = merged
+        elif theirs._state is not None:
+            self._state = dict(theirs._state)
         self._num_batches_skipped += theirs._num_batches_skipped
 
     def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
@@ -407,7 +470,7 @@ def _load_arrays(values: dict[str, object], prefix: str) -> dict[str, Array]:
                 f"{name}: expected shape {shape} like the others, got {describe(array)}"
             )
         shape = tuple(array.shape)
-        array = xp.astype(array, accumulation_dtype(xp, array), copy=True)
+        array = accumulation_copy(xp, array)
         if not all_finite(xp, array):
             raise ValueError(f"{name}: expected finite values, got NaN or Inf")
         if key in NON_NEGATIVE and not bool(xp.all(array >= 0)):

@@ -25,6 +25,9 @@ class BatchAverage(Estimator):
 
     min_batch_count: ClassVar[int] = 2
     array_keys: ClassVar[tuple[str, ...]] = ("mean", "var")
+    # The variance is a weighted average of finite non-negative variances, which cannot
+    # overflow; the mean moves by (new - old) * weight, and new - old can.
+    overflow_keys: ClassVar[tuple[str, ...]] = ("mean",)
 
     def batch_weight(self, state: State) -> Any:
         """The weight of the next batch given the state before it.

@@ -2,10 +2,12 @@ r"""The exponential moving average: PyTorch's and Keras/Flax's running statistic
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import attrs
 
+from .._arrays import all_finite, as_array, quiet_overflow
 from .._typing import Array
 from .._validation import check_unit_interval
 from ..moments import ShiftedMoments
@@ -41,10 +43,11 @@ class ExponentialMovingAverage(BatchAverage):
     ``running_mean`` and ``running_var`` fed the same batches.
 
     With ``debias=True`` the averages start at zero and are divided by
-    :math:`1 - (1 - m)^t` after :math:`t` batches (Adam's bias correction), so the estimate
-    after the first batch is that batch's statistics; reading it earlier raises
-    ``ValueError``. An EMA has no exact merge (it depends on the order of the batches):
-    ``merge`` raises ``TypeError``.
+    :math:`1 - (1 - m)^t` after :math:`t` batches (Adam's bias correction, computed as
+    :math:`-\operatorname{expm1}(t \log(1 - m))` so that a small momentum keeps its
+    digits), so the estimate after the first batch is that batch's statistics; reading it
+    earlier raises ``ValueError``. An EMA has no exact merge (it depends on the order of the
+    batches): ``merge`` raises ``TypeError``.
 
     Parameters
     ----------
@@ -137,7 +140,7 @@ class ExponentialMovingAverage(BatchAverage):
 
     def resumed_state(self, template: Array, mean: Array, var: Array, num_batches: Any) -> State:
         zeros = template * 0.0
-        scale = 1.0 - (1.0 - self._momentum) ** num_batches if self._debias else 1.0
+        scale = self._bias_correction(num_batches) if self._debias else 1.0
         return {
             "count": 0,
             "num_batches": num_batches,
@@ -151,8 +154,37 @@ class ExponentialMovingAverage(BatchAverage):
     def estimate(self, state: State) -> tuple[Array, Array]:
         if not self._debias:
             return state["mean"], state["var"]
-        correction = 1.0 - (1.0 - self._momentum) ** state["num_batches"]
+        correction = self._bias_correction(state["num_batches"])
         return state["mean"] / correction, state["var"] / correction
+
+    def _bias_correction(self, num_batches: Any) -> Any:
+        """``1 - (1 - m)**t`` after ``t`` batches, as ``-expm1(t * log1p(-m))``.
+
+        The direct formula cancels when ``(1 - m)**t`` is near 1: it loses digits for a
+        small momentum (8e-8 relative at m = 1e-10) and gives 0, so an infinite estimate,
+        once ``1 - m`` rounds to 1 (m < 1.1e-16). ``t`` is an int or a 0-d array.
+        """
+        if self._momentum == 1.0:  # log1p(-1) is -inf, and 0 * -inf would be NaN
+            return 1.0 - 0.0**num_batches
+        exponent = num_batches * math.log1p(-self._momentum)
+        if isinstance(exponent, float):
+            return -math.expm1(exponent)
+        xp, exponent = as_array(exponent, "num_batches")
+        return -xp.expm1(exponent)
+
+    def _check_state(self, state: State, prefix: str) -> None:
+        # A debiased state is divided by the bias correction, which is below 1: a finite
+        # state whose estimate overflows is not one that updates could have produced.
+        if not self._debias:
+            return
+        with quiet_overflow(state["mean"]):
+            mean, var = self.estimate(state)
+        if not all_finite(as_array(mean, "mean")[0], mean, var):
+            raise ValueError(
+                f"state_dict: expected a state whose bias-corrected estimate is finite, got "
+                f"{prefix}mean and {prefix}var that overflow when divided by the correction "
+                f"for {prefix}num_batches={state['num_batches']}"
+            )
 
     def calibrated_state(self, batch: ShiftedMoments) -> State:
         # The estimate after one batch must be the batch itself: the state of an average

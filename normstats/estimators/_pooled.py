@@ -13,7 +13,7 @@ from typing import ClassVar
 import attrs
 
 from .._typing import Array
-from ..moments import Moments, ShiftedMoments, chan_merge
+from ..moments import Moments, ShiftedMoments, chan_merge, two_sum
 from ._base import Estimator, State
 from ._fold import StackedMoments, fold_pooled
 
@@ -31,6 +31,9 @@ class PooledEstimator(Estimator):
     """
 
     array_keys: ClassVar[tuple[str, ...]] = ("mean_origin", "mean_offset", "m2")
+    # A fold moves the offset by less than delta, whose square (times at least 1/2) is
+    # added to m2: m2 overflows before the mean can.
+    overflow_keys: ClassVar[tuple[str, ...]] = ("m2",)
 
     @property
     def mean(self) -> Array:
@@ -50,9 +53,11 @@ class PooledEstimator(Estimator):
 
     @property
     def moments(self) -> Moments:
-        """Count, mean and M2 of every sample folded in."""
+        """Count, mean and M2 of every sample folded in; the mean's digits beyond float64
+        are its ``mean_residual``, so that merging these moments elsewhere loses none."""
         state = self._filled_state("moments")
-        return Moments(state["count"], state["mean_origin"] + state["mean_offset"], state["m2"])
+        mean, residual = two_sum(state["mean_origin"], state["mean_offset"])
+        return Moments(state["count"], mean, state["m2"], mean_residual=residual)
 
     # -- functional core ---------------------------------------------------------------
 

@@ -52,6 +52,14 @@ BAD_BATCHES = [
     pytest.param([[1, 2, 3], [4, 5, 6]], 0, TypeError, "x", id="int-list"),
     pytest.param([["a", "b", "c"]] * 2, 0, TypeError, "x", id="str-list"),
     pytest.param(None, 0, TypeError, "x", id="none"),
+    pytest.param(
+        np.ma.array(good_batch(), mask=np.eye(5, FEATURES, dtype=bool)),
+        0,
+        TypeError,
+        "x",
+        id="masked",
+    ),
+    pytest.param(np.ma.array(good_batch()), 0, TypeError, "x", id="masked-nothing-masked"),
     pytest.param(good_batch(), 2, ValueError, "axis", id="axis-too-large"),
     pytest.param(good_batch(), -3, ValueError, "axis", id="axis-too-negative"),
     pytest.param(good_batch(), (0, 0), ValueError, "axis", id="axis-repeated"),
@@ -139,19 +147,64 @@ def test_list_of_floats_is_accepted(estimator_factory):
     assert from_list.count == 3
 
 
+def nan_batch_moments():
+    """The moments of a batch with NaN, as the training forward returns them unchecked.
+
+    A constructed ``Moments`` cannot hold NaN (its constructor refuses it); this is the one
+    way non-finite moments reach ``update_moments``, which applies the ``nan_policy``.
+    """
+    moments = ns.functional.train_forward(with_value(np.nan), axis=1)[1]
+    assert not np.isfinite(moments.m2).all()
+    return moments
+
+
 def test_bad_moments_leave_state(estimator_factory):
     estimator = estimator_factory()
     estimator.update(good_batch())
     before = snapshot(estimator)
-    bad = [
-        ns.Moments.from_array(good_batch(features=FEATURES + 1)),
-        ns.Moments(count=4, mean=np.full(FEATURES, np.nan), m2=np.ones(FEATURES)),
-        ns.Moments(count=4, mean=np.zeros(FEATURES), m2=np.full(FEATURES, np.inf)),
-    ]
+    bad = [ns.Moments.from_array(good_batch(features=FEATURES + 1)), nan_batch_moments()]
     for moments in bad:
         with pytest.raises(ValueError, match=names("moments")):
             estimator.update_moments(moments)
         assert_state_exactly(estimator, before)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"mean": np.full(FEATURES, np.nan), "m2": np.ones(FEATURES)}, "mean"),
+        ({"mean": np.zeros(FEATURES), "m2": np.full(FEATURES, np.inf)}, "m2"),
+        ({"mean": np.zeros(FEATURES), "m2": np.full(FEATURES, -100.0)}, "m2"),
+    ],
+    ids=["nan-mean", "inf-m2", "negative-m2"],
+)
+def test_invalid_moments_cannot_reach_an_estimator(estimator_factory, fields, field):
+    # A negative m2 used to be folded in and lower var (Welford: 4.0 -> -18.4).
+    estimator = estimator_factory()
+    estimator.update(good_batch())
+    before = snapshot(estimator)
+    with pytest.raises(ValueError, match=names(field)):
+        estimator.update_moments(ns.Moments(count=4, **fields))
+    assert_state_exactly(estimator, before)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_matrix_batches_give_the_statistics_of_the_plain_array(estimator_factory):
+    # np.matrix used to raise "shapes not aligned" from inside the reduction.
+    xs = [good_batch(seed=8), good_batch(seed=9, rows=7)]
+    from_matrix, from_array = estimator_factory(), estimator_factory()
+    for x in xs:
+        from_matrix.update(np.matrix(x))
+        from_array.update(x)
+    assert type(from_matrix.mean) is np.ndarray
+    assert_same_state(from_matrix.state_dict(), from_array.state_dict())
+
+
+def test_masked_error_says_what_to_pass_instead(estimator_factory):
+    x = np.ma.masked_invalid(with_value(np.nan))
+    with pytest.raises(TypeError, match="masked") as info:
+        estimator_factory().update(x)
+    assert "compress_rows" in str(info.value)
 
 
 # -- nan_policy="skip" ---------------------------------------------------------------
@@ -204,9 +257,7 @@ def test_skip_policy_on_the_first_batch(estimator_factory):
 def test_skip_policy_skips_non_finite_moments(estimator_factory):
     skipping = estimator_factory(nan_policy="skip")
     skipping.update(good_batch())
-    skipping.update_moments(
-        ns.Moments(count=4, mean=np.full(FEATURES, np.nan), m2=np.ones(FEATURES))
-    )
+    skipping.update_moments(nan_batch_moments())
     assert skipping.num_batches_skipped == 1
     assert skipping.num_batches == 1
 

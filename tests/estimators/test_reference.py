@@ -172,6 +172,33 @@ def test_debiased_ema_is_the_bias_corrected_recurrence(momentum):
         np.testing.assert_allclose(estimator.var, var / correction, rtol=RTOL)
 
 
+@pytest.mark.parametrize("momentum", [1e-10, 3e-16, 1e-17, 1e-300])
+def test_debiased_ema_first_batch_is_that_batch_for_a_tiny_momentum(momentum):
+    # 1 - (1 - m) loses digits as m shrinks: the first estimate used to be off by 8.3e-8
+    # relative at m = 1e-10, by 10% at 3e-16, and inf from 1e-17 on (1 - m rounds to 1).
+    x = np.random.default_rng(8).normal(5.0, 2.0, size=(6, 3))
+    estimator = ns.ExponentialMovingAverage(momentum=momentum, debias=True)
+    estimator.update(x)
+    np.testing.assert_allclose(estimator.mean, x.mean(axis=0), rtol=RTOL)
+    np.testing.assert_allclose(estimator.var, x.var(axis=0, ddof=1), rtol=RTOL)
+
+
+def test_debiased_ema_correction_takes_a_tensor_batch_count(torch):
+    # A torch layer keeps num_batches in a 0-d float64 buffer; the estimate is the same.
+    estimator = ns.ExponentialMovingAverage(momentum=0.01, debias=True)
+    for x in nchw_batches(seed=9):
+        estimator.update(torch.from_numpy(x), axis=(0, 2, 3))
+    state = estimator._state
+    as_tensor = {
+        **state,
+        "num_batches": torch.tensor(float(state["num_batches"]), dtype=torch.float64),
+    }
+    for from_int, from_tensor in zip(
+        estimator.estimate(state), estimator.estimate(as_tensor), strict=True
+    ):
+        torch.testing.assert_close(from_tensor, from_int, rtol=1e-15, atol=0)
+
+
 def test_debiased_ema_before_first_update_raises():
     estimator = ns.ExponentialMovingAverage(debias=True)
     for name in ("mean", "var"):

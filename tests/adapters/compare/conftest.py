@@ -28,6 +28,7 @@ RECORD_FIELDS = (
     "accuracy",
     "calibration_batch_size",
     "stats_distance",
+    "stats_distance_note",
 )
 
 

@@ -1,4 +1,4 @@
-"""``normstats compare`` (the console script, ``python -m normstats``, ``cli.main``; DESIGN 6).
+"""``normstats compare`` (the console script, ``python -m normstats``, ``cli.main``).
 
 A small run leaves results.json / results.csv with the function's records and two PNG plots,
 and prints a strategy x batch size table marking the best of each column; ``--quiet`` prints
@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def test_results_csv_has_the_same_rows(loud):
             assert int(row[field]) == record[field]
         assert float(row["accuracy"]) == record["accuracy"]
         assert json.loads(row["stats_distance"]) == record["stats_distance"]
+        assert row["stats_distance_note"] == record["stats_distance_note"]
 
 
 @pytest.mark.parametrize("name", ["accuracy.png", "distance.png"])
@@ -249,6 +251,17 @@ def _float_labels(path: Path) -> None:
     np.savez(path, X=x, y=y + 0.5)
 
 
+def _nan_features(path: Path) -> None:
+    x, y = blobs()
+    x[5, 2] = np.nan
+    np.savez(path, X=x, y=y)
+
+
+def _scalar_features(path: Path) -> None:
+    _, y = blobs()
+    np.savez(path, X=np.array(1.0), y=y)
+
+
 BAD = {
     "missing-dataset": (None, [], "PATH"),
     "garbage-npz": (_bad_npz, [], "PATH"),
@@ -256,6 +269,8 @@ BAD = {
     "empty-file": (_empty, [], "PATH"),
     "npz-without-y": (_no_y, [], "PATH"),
     "float-labels": (_float_labels, [], "PATH"),
+    "nan-features": (_nan_features, [], "PATH"),
+    "0-d-features": (_scalar_features, [], "PATH"),
     "unknown-strategy": (None, ["--strategies", "exact,median"], "--strategies"),
     "bad-ema": (None, ["--strategies", "ema:7"], "--strategies"),
     "unknown-backend": (None, ["--backend", "jax"], "--backend"),
@@ -303,3 +318,68 @@ def test_bad_input_exits_with_one_line_naming_the_option_or_path(tmp_path, case)
         assert len(lines) == 1, done.stderr
     assert done.stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+# -- missing values: strict JSON, null with a reason -----------------------------------------
+
+
+def _refuse_constant(name: str) -> None:
+    raise AssertionError(f"results.json holds the non-standard constant {name}")
+
+
+def test_constant_inputs_give_strict_json_with_null_and_the_reason(tmp_path):
+    # Every input feature constant: every BatchNorm channel has exact variance 0, so the
+    # distance relative to the exact statistics is undefined. Before the fix results.json
+    # held a bare NaN for each (24 on this run; with both backends also Infinity), which
+    # strict JSON parsers refuse.
+    _, y = blobs()
+    np.savez(tmp_path / "constant.npz", X=np.full((len(y), 4), 5.0), y=y)
+    done = command(
+        "compare",
+        "--dataset",
+        "constant.npz",
+        *RUN[:4],
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--workers",
+        "1",
+        "--quiet",
+        "--out",
+        "out",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "results.json").read_text()
+    assert "NaN" not in text
+    assert "Infinity" not in text
+    records = json.loads(text, parse_constant=_refuse_constant)["records"]
+    assert [r["strategy"] for r in records[:7]] == list(STRATEGIES)
+    nulls = 0
+    for record in records:
+        distances, note = record["stats_distance"], record["stats_distance_note"]
+        if record["strategy"] == "batch":
+            assert distances == []
+            assert note == ""
+            continue
+        assert len(distances) == 2
+        if record["strategy"] == "exact":  # the reference itself: 0 even where sigma is 0
+            assert distances == [0.0, 0.0]
+            assert note == ""
+        for layer, distance in enumerate(distances):
+            if distance is None:
+                nulls += 1
+                assert f"stats_distance[{layer}] is null: the exact variance is 0" in note
+            else:
+                assert math.isfinite(distance)
+                assert distance >= 0
+    assert nulls > 0  # the EMAs start from variance 1, so they differ from the exact 0
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "NaN" not in (tmp_path / "out" / "results.csv").read_text()
+    for row, record in zip(rows, records, strict=True):
+        # The list cell is the same strict JSON, null included; the note is plain text.
+        cell = json.loads(row["stats_distance"], parse_constant=_refuse_constant)
+        assert cell == record["stats_distance"]
+        assert row["stats_distance_note"] == record["stats_distance_note"]

@@ -1,4 +1,4 @@
-"""``compare(...)``, the comparison as a Python function (DESIGN 6).
+"""``compare(...)``, the comparison as a Python function.
 
 One record per backend x batch size x seed x training length x strategy, with the fields of
 ``Record``; deterministic per seed and independent of ``workers``; accuracies well above
@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 import pytest
 
-from normstats.adapters.compare import Record, compare, report, strategies
+from normstats.adapters.compare import Record, compare, report, runner, strategies
 from normstats.adapters.compare.backends import HIDDEN, NumpyRun, TorchRun
 from normstats.adapters.compare.data import load
 
@@ -86,6 +86,7 @@ def test_record_values(grid):
         assert record.calibration_batch_size == record.batch_size  # the default
         assert isinstance(record.stats_distance, list)
         assert all(isinstance(d, float) for d in record.stats_distance)
+        assert record.stats_distance_note == ""  # nothing missing on digits
 
 
 def test_stats_distance_one_float_per_batchnorm_layer(grid):
@@ -294,3 +295,33 @@ def test_write_leaves_json_csv_and_pngs(grid, tmp_path):
         assert path.stat().st_size > 0
     for name in ("accuracy.png", "distance.png"):
         assert (tmp_path / "out" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+# -- distances that do not exist -------------------------------------------------------------
+
+
+def test_distance_leaves_out_channels_whose_exact_variance_is_zero():
+    # Channel 0 varies; channel 1 has exact variance 0 and other statistics (no distance);
+    # channel 2 has exact variance 0 and the same statistics (distance 0).
+    reference = [(np.array([1.0, 5.0, 2.0]), np.array([4.0, 0.0, 0.0]))]
+    stats = [(np.array([2.0, 5.5, 2.0]), np.array([1.0, 1.0, 0.0]))]
+    distances, note = runner._distance(stats, reference)
+    channel0 = abs(2.0 - 1.0) / 2.0 + abs(np.sqrt(1.0 / 4.0) - 1.0)  # 0.5 + 0.5
+    assert distances == [pytest.approx((channel0 + 0.0) / 2, rel=1e-15)]
+    assert note.startswith("stats_distance[0] is the mean over 2 of 3 channels")
+
+
+def test_distance_is_none_with_a_reason_when_no_channel_has_one():
+    reference = [(np.zeros(2), np.ones(2)), (np.zeros(3), np.zeros(3))]
+    stats = [(np.zeros(2), np.ones(2)), (np.ones(3), np.zeros(3))]
+    distances, note = runner._distance(stats, reference)
+    assert distances == [0.0, None]
+    assert note.startswith("stats_distance[1] is null: the exact variance is 0 in all 3 channels")
+    assert runner._distance(reference, reference) == ([0.0, 0.0], "")
+    assert runner._distance(None, reference) == ([], "")
+
+
+def test_write_refuses_nan_rather_than_write_non_standard_json(grid, tmp_path):
+    broken = attrs.evolve(grid[0], accuracy=float("nan"))
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        report.write([broken], tmp_path / "out")

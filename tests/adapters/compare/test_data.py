@@ -1,4 +1,4 @@
-"""The comparison's datasets (DESIGN 6): digits, MNIST-1D generated offline and cached, and a
+"""The comparison's datasets: digits, MNIST-1D generated offline and cached, and a
 user's .npz with ``x``/``y``, whose mistakes are reported with the path; inputs standardized
 with statistics of the training split only.
 """
@@ -161,6 +161,60 @@ def test_npz_too_small_to_split_names_the_path(write_npz, arrays):
     with pytest.raises(DatasetError) as caught:
         load(str(path))
     assert str(path) in str(caught.value)
+
+
+def _with_nan(x: Any) -> Any:
+    x = x.copy()
+    x[7, 3] = np.nan
+    return x
+
+
+def _with_inf(x: Any) -> Any:
+    x = x.copy()
+    x[[9, 11], 0] = -np.inf
+    return x
+
+
+MALFORMED = {
+    # name: (arrays from blobs' x and y, the array the message names, a word it holds)
+    "object-X": (lambda x, y: {"X": x.astype(object), "y": y}, "X", "objects"),
+    "0-d-X": (lambda x, y: {"X": np.array(1.0), "y": y}, "X", "shape ()"),
+    "0-d-y": (lambda x, y: {"X": x, "y": np.array(1)}, "y", "shape ()"),
+    "1-d-X": (lambda x, y: {"X": x[:, 0], "y": y}, "X", "shape (120,)"),
+    "2-d-y": (lambda x, y: {"X": x, "y": np.stack([y, y], axis=1)}, "y", "shape (120, 2)"),
+    "nan-in-X": (lambda x, y: {"X": _with_nan(x), "y": y}, "X", "NaN or Inf in 1 of 120"),
+    "inf-in-X": (lambda x, y: {"X": _with_inf(x), "y": y}, "X", "NaN or Inf in 2 of 120"),
+    "complex-X": (lambda x, y: {"X": x + 1j, "y": y}, "X", "complex128"),
+    "no-features": (lambda x, y: {"X": x[:, :0], "y": y}, "X", "at least one feature"),
+    "squares-overflow": (lambda x, y: {"X": x * 1e300, "y": y}, "X", "overflow"),
+    "labels-with-a-gap": (lambda x, y: {"X": x, "y": np.where(y == 2, 10**12, y)}, "y", "0..K-1"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_npz_names_the_path_and_the_array(write_npz, case):
+    # Before the fix: 0-d arrays raised TypeError (len() of unsized object), a 1-d X an
+    # IndexError, a 2-d y "object too deep", NaN or Inf a ValueError naming neither file nor
+    # array, complex X was cast to real (a ComplexWarning, imaginary part dropped), an X
+    # without features loaded, and a label of 10**12 tried to allocate 7.3 TiB.
+    make, name, word = MALFORMED[case]
+    x, y = blobs()
+    path = write_npz("bad.npz", **make(x, y))
+    with pytest.raises(DatasetError) as caught:
+        load(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"--dataset: {path}: ")
+    assert f": {name} " in message or f"({name}" in message or f"{name} must" in message
+    assert word in message
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint64, np.int32])
+def test_labels_of_any_integer_dtype_load(write_npz, dtype):
+    x, y = blobs()
+    data = load(str(write_npz("labels.npz", X=x.astype(np.float16), y=y.astype(dtype))))
+    assert data.num_classes == 3
+    assert data.y_train.dtype == np.int64
+    assert np.isfinite(data.X_train).all()
 
 
 # -- standardization with the training split -----------------------------------------------
