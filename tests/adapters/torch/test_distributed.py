@@ -614,3 +614,25 @@ def test_all_reduce_stats_without_process_group_leaves_the_estimator_alone():
         np.testing.assert_array_equal(value, before[key])
     with pytest.raises(TypeError, match="ExponentialMovingAverage"):
         all_reduce_stats(ns.ExponentialMovingAverage())
+
+
+# -- 7. share_memory: the strategy's buffers too (for torch.multiprocessing) --------------------
+
+
+@pytest.mark.parametrize("stats", ["ema", "welford", "cumulative", "exact"])
+def test_share_memory_reaches_the_strategy_buffers_which_stay_float64(stats):
+    """``share_memory()`` used to leave the strategy's float64 buffers in private memory."""
+    bn = BatchNorm(C, stats=stats)
+    bn(torch.randn(6, C, SIDE, SIDE))
+    strategy = {name: b.clone() for name, b in bn.strategy_state.named_buffers()}
+    assert bn.share_memory() is bn
+    for name, buffer in bn.named_buffers():
+        assert buffer.is_shared(), name
+    for name, buffer in bn.strategy_state.named_buffers():
+        assert buffer.dtype == F64, name
+        torch.testing.assert_close(buffer, strategy[name], rtol=0, atol=0)
+    bn(torch.randn(5, C, SIDE, SIDE))  # a step writes into the shared buffers in place
+    assert all(b.is_shared() for b in bn.buffers())
+    bn.half()
+    assert bn.running_mean.dtype == torch.float16
+    assert all(b.dtype == F64 for b in bn.strategy_state.buffers())
