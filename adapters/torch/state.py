@@ -61,10 +61,14 @@ class StrategyState(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StrategyState:
+        """``fn`` applied to every buffer (a move, ``share_memory_``, ...), except that a cast
+        of the module to another dtype moves the buffers and keeps them float64."""
         for key, buffer in self._buffers.items():
             if buffer is not None:
-                target = fn(torch.empty((), dtype=buffer.dtype, device=buffer.device))
-                self._buffers[key] = buffer.to(device=target.device)
+                moved = fn(buffer)
+                if moved.dtype != buffer.dtype:
+                    moved = buffer.to(device=moved.device)
+                self._buffers[key] = moved
         return self
 
 
