@@ -6,13 +6,15 @@ Run with ``make bench`` (``.venv/bin/python benchmarks/distributed.py``); it is 
 What is measured, and why
 -------------------------
 ``BatchNorm(C, stats=s, sync=True)`` merges every rank's batch moments in each training
-forward (one all-gather of the ranks' shapes and sample counts, one differentiable all-gather
-of their mean and M2, Chan's merge in rank order) and normalizes with the global statistics;
-its backward all-reduces the gradient of the gathered moments. The plan names torch's
-``nn.SyncBatchNorm`` as the baseline, and this script measures it when it can run. It cannot
-on CPU in the torch builds this project installs: its forward refuses tensors that are not on
-a GPU (CUDA, XPU or a private-use accelerator), and the script prints the error it got. On a
-CPU-only machine the baselines are then the nearest two that run, in the same processes:
+forward (one differentiable all-gather of each rank's count, mean and M2, merged at once on
+the device; the first step also compares the ranks' shapes) and normalizes with the global
+statistics; its backward all-reduces the gradient of the gathered rows. It then folds the
+global moments into its strategy, as SyncBatchNorm updates its running statistics. The plan
+names torch's ``nn.SyncBatchNorm`` as the baseline, and this script measures it when it can
+run. It cannot on CPU in the torch builds this project installs: its forward refuses tensors
+that are not on a GPU (CUDA, XPU or a private-use accelerator), and the script prints the
+error it got. On a CPU-only machine the baselines are then the nearest two that run, in the
+same processes:
 
 * (a) ``nn.BatchNorm2d`` without any synchronization: each rank normalizes with its own
   batch. The floor: the cost of a BatchNorm step with no cross-rank merge at all.
@@ -27,7 +29,9 @@ CPU-only machine the baselines are then the nearest two that run, in the same pr
 
 For context, not as a baseline, (c) times (b)'s two collectives alone (the all-gather of a
 row and the all-reduce of its gradient): the latency every synchronized step pays, which
-dominates the smaller shape.
+dominates the smaller shape; and (d) times ``BatchNorm(C, stats="batch", sync=True)``, the
+same synchronization with no strategy to fold, which tells the cost of the synchronization
+from that of the strategy's update.
 
 Two ranks (``WORLD``) are started with ``torch.multiprocessing`` ("spawn"), joined through a
 gloo process group over 127.0.0.1 (a ``TCPStore`` held by the parent), each pinned to one
@@ -89,6 +93,9 @@ DIRECT = "(b) direct torch sync"
 SYNC_BN = "nn.SyncBatchNorm"
 COMM = "(c) collectives only"
 """Not a baseline: (b)'s all-gather and backward all-reduce alone, the latency in every step."""
+ALONE = "(d) normstats batch"
+"""Not a candidate: ``stats="batch"``, normstats' synchronization with no running statistics
+to fold, which tells the cost of the synchronization from that of the strategy's fold."""
 
 PG_TIMEOUT = 30.0
 """Seconds any collective (and the rendezvous) may wait before the process group fails."""
@@ -232,6 +239,11 @@ def print_shape(shape: tuple[int, ...], samples: dict[str, list[float]], referen
         f"  {COMM:<24} {statistics.median(samples[COMM]) * 1e6:9.1f} us   "
         "(not a baseline: the latency of (b)'s all-gather and all-reduce alone)"
     )
+    print(
+        f"  {ALONE:<24} {statistics.median(samples[ALONE]) * 1e6:9.1f} us   "
+        f"/ (b) = {median_ratio(samples, ALONE, DIRECT):5.3f}   (the synchronization without "
+        "a strategy's fold)"
+    )
     for name in STRATEGIES:
         label = f"normstats {name}"
         ratios = "   ".join(
@@ -254,7 +266,7 @@ def print_checks(reports: dict[int, dict[str, Any]]) -> None:
         "check: largest |difference| from one process running nn.BatchNorm2d over the "
         "concatenated batch (output, input gradient), over ranks and shapes:"
     )
-    for label in (*(f"normstats {name}" for name in STRATEGIES), DIRECT):
+    for label in (*(f"normstats {name}" for name in STRATEGIES), ALONE, DIRECT):
         print(
             f"  {label:<24} output {worst[label + ' output']:.1e}   "
             f"input gradient {worst[label + ' grad']:.1e}"
@@ -398,7 +410,7 @@ def make_layer(label: str, channels: int) -> torch.nn.Module:
         return DirectSyncBatchNorm(channels)
     if label == SYNC_BN:
         return torch.nn.SyncBatchNorm(channels)
-    return BatchNorm(channels, stats=label.removeprefix("normstats "), sync=True)
+    return BatchNorm(channels, stats=label.split()[-1], sync=True)
 
 
 def training_step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Step:
@@ -431,7 +443,7 @@ def make_candidates(
 ) -> tuple[list[tuple[str, Step]], list[torch.nn.Module]]:
     """The steps to time (the same list on every rank) and normstats' layers."""
     x = x.clone().requires_grad_(True)
-    labels = [*(f"normstats {name}" for name in STRATEGIES), DIRECT, PLAIN]
+    labels = [*(f"normstats {name}" for name in STRATEGIES), ALONE, DIRECT, PLAIN]
     if with_sync_bn:
         labels.append(SYNC_BN)
     layers = {label: make_layer(label, x.shape[1]) for label in labels}
@@ -452,7 +464,7 @@ def check_candidates(x: torch.Tensor, dy: torch.Tensor) -> dict[str, float]:
     mine = slice(rank * n, (rank + 1) * n)  # every rank has the same batch size here
     expected_y, expected_grad = reference[mine].detach(), whole.grad[mine]
     found: dict[str, float] = {}
-    for label in (*(f"normstats {name}" for name in STRATEGIES), DIRECT):
+    for label in (*(f"normstats {name}" for name in STRATEGIES), ALONE, DIRECT):
         layer = make_layer(label, x.shape[1])
         local = x.clone().requires_grad_(True)
         y = layer(local)

@@ -1,14 +1,20 @@
 """Statistics across processes (``torch.distributed``): one process's numbers from many.
 
-Every merge here is the count-weighted Chan merge of :mod:`normstats.moments`, in rank
-order, so all ranks end with identical statistics, equal to those of one process over the
-concatenated data. Ranks with no data take part with count 0 (nothing hangs), and feature
-shapes that differ across ranks raise an error naming each rank's shape on every rank. The
-collectives are the process group's own, so its timeout applies.
+Every merge here is the count-weighted Chan merge of :mod:`normstats.moments`, of all
+ranks' rows at once (:func:`merge_rows`), computed the same way on every rank, so all ranks
+end with identical statistics, equal to those of one process over the concatenated data.
+Ranks with no data take part with count 0 (nothing hangs), and shapes that differ across
+ranks raise an error naming each rank's shape on every rank. A synchronized training step
+costs one all-gather (and one all-reduce in its backward) and reads nothing on the host.
+The collectives are the process group's own, so its timeout applies; those of
+``recalibrate`` can be given a shorter one (:func:`gather_within`).
 """
 
 from __future__ import annotations
 
+import math
+import time
+import weakref
 from typing import Any
 
 import torch
@@ -17,7 +23,6 @@ from torch import Tensor
 
 from normstats import ExponentialMovingAverage, RunningStats
 from normstats.estimators._base import Estimator, State
-from normstats.moments import chan_merge
 
 from .state import BATCH_MOMENTS_DTYPE, STATS_DTYPE
 
@@ -31,12 +36,27 @@ def active(group: Any = None) -> bool:
     )
 
 
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""Every rank's tensor concatenated into one (torch 2.13 renamed ``all_gather_into_tensor``)."""
+
+
+def resolved(group: Any) -> Any:
+    """``group``, or the world's group for None (None without ``torch.distributed``)."""
+    if group is not None or not dist.is_available():
+        return group
+    return dist.group.WORLD
+
+
 def gather_rows(row: Tensor, group: Any = None) -> Tensor:
     """Every rank's ``row`` (same shape on all ranks), stacked in rank order."""
-    world = dist.get_world_size(group)
-    rows = [torch.empty_like(row) for _ in range(world)]
-    dist.all_gather(rows, row.contiguous(), group=group)
-    return torch.stack(rows)
+    rows = _concatenated(row, group)
+    _all_gather_single(rows, row.contiguous(), group=group)
+    return rows.view(-1, *row.shape)
+
+
+def _concatenated(row: Tensor, group: Any) -> Tensor:
+    """Room for every rank's ``row``, one after the other (the layout gloo fills)."""
+    return row.new_empty((dist.get_world_size(group) * row.shape[0], *row.shape[1:]))
 
 
 class _GatherRows(torch.autograd.Function):
@@ -62,6 +82,32 @@ def gather_differentiable(row: Tensor, group: Any = None) -> Tensor:
     return gathered
 
 
+def merge_rows(counts: Tensor, deltas: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Chan's merge of R disjoint samples at once: ``(n, mean - s, M2)`` of their union.
+
+    Row r holds a sample of ``counts[r]`` values per feature, its mean as ``deltas[r]``,
+    the difference from a reference ``s`` common to all rows, and its ``m2s[r]``:
+
+    .. math::
+
+        n = \sum_r n_r,\quad \bar x - s = \sum_r \frac{n_r}{n} (\bar x_r - s),\quad
+        M_2 = \sum_r M_{2,r} + \sum_r n_r \left((\bar x_r - s) - (\bar x - s)\right)^2
+
+    A reference near the means (one of them) keeps the digits that the means share out of
+    the sums, as the pairwise merge of :mod:`normstats.moments` does with its difference of
+    means. Rows with count 0 weigh nothing (their deltas must be finite).
+    """
+    total = counts.sum()
+    step = (counts / total) @ deltas
+    m2 = m2s.sum(0) + counts @ (deltas - step) ** 2
+    return total, step, m2
+
+
+_AGREED: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
+"""Per process group, the channel counts whose synchronized layers the ranks have agreed on
+(same channels and input rank everywhere): their gathered rows have the same length."""
+
+
 def synchronized_batch_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -69,104 +115,202 @@ def synchronized_batch_norm(
     eps: float,
     num_features: int,
     group: Any = None,
-) -> tuple[Tensor, int, Tensor, Tensor]:
+) -> tuple[Tensor, Any, Tensor, Tensor]:
     """Batch normalization with the statistics of every rank's batch together.
 
-    Every rank first shares its input's rank, channels and sample count, so a mismatch
-    raises the same error everywhere instead of hanging a collective. Each rank's (mean, M2)
-    then travel through a differentiable all-gather and are merged with Chan's formula in
-    rank order, so every rank normalizes with the statistics of the concatenated batch and
-    gradients flow through them to every rank's input. Returns ``(y, total count, mean,
-    M2)`` of the concatenated batch (the same on every rank).
+    One all-gather per call carries each rank's (count, mean, M2) row, as SyncBatchNorm's
+    carries (mean, invstd, count); the rows are merged at once with Chan's formula
+    (:func:`merge_rows`), on the device, so every rank normalizes with the statistics of
+    the concatenated batch. Gradients flow through the gathered rows (the backward
+    all-reduces their gradient) to every rank's input, ``weight`` and ``bias``. Returns
+    ``(y, n, mean, M2)`` of the concatenated batch, the same on every rank, where the
+    total sample count per channel ``n`` is a 0-d float64 tensor on the input's device
+    (never read on the host; typed ``Any`` so that it folds wherever a count does).
 
-    The statistics are computed, exchanged and applied in float32 or wider whatever the
-    input's dtype (as SyncBatchNorm does): in float16, the M2 of a few thousand values
-    overflows. The output has the input's dtype, and gradients flow through the casts.
+    A rank cannot see the other ranks' shapes without reading a collective's result on the
+    host, which would stall a GPU at every step, and a row length that differs across
+    ranks breaks the all-gather (gloo aborts the process). So the first call with a given
+    ``num_features`` on a process group first gathers every rank's channels and input rank
+    (one more small all-gather, read on the host): if they differ, every rank raises the
+    same error, naming each rank's shape. Later calls only check their own input; a rank
+    whose input no longer fits still takes part in the all-gather, with a NaN count that
+    turns every rank's statistics of that step into NaN, and then raises. The host reads
+    the merged count only when this rank's batch holds at most one value per channel: a
+    total of at most one (an error, on every rank) implies that of every rank's batch.
+
+    The statistics are computed in float32 or wider whatever the input's dtype (as
+    SyncBatchNorm does: in float16, the M2 of a few thousand values overflows), and the
+    rows travel and merge in float64, which holds every count exactly. The output has the
+    input's dtype, and gradients flow through the casts.
     """
-    shapes = gather_rows(
-        torch.tensor([x.dim(), x.shape[1] if x.dim() > 1 else 0, x.numel()], device=x.device),
-        group,
-    ).tolist()
-    if any(shape[:2] != [shapes[0][0], num_features] for shape in shapes) or not (
-        2 <= shapes[0][0] <= 5
-    ):
-        listed = ", ".join(f"rank {r}: {d}D, {c} channels" for r, (d, c, _) in enumerate(shapes))
-        raise ValueError(
-            f"x: expected 2D to 5D input with {num_features} channels, the same on every rank, "
-            f"got {listed}"
-        )
-    counts = [numel // num_features for _, _, numel in shapes]
-    total = sum(counts)
-    if total <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got {total} over all ranks"
-        )
+    group = resolved(group)
+    _agree_on_shape(x, num_features, group)
+    if not (2 <= x.dim() <= 5 and x.shape[1] == num_features):
+        _take_part_without_statistics(x, num_features, group)
+    count = x.numel() // num_features
     wide = x.to(torch.promote_types(x.dtype, BATCH_MOMENTS_DTYPE))
-    if x.shape[0]:
+    if count:
         var, mean = torch.var_mean(wide, dim=[d for d in range(x.dim()) if d != 1], correction=0)
-        local = torch.cat([mean, var * (x.numel() // num_features)])
-    else:  # an empty rank still takes part, with count 0
-        local = wide.new_zeros(2 * num_features) + wide.sum() * 0
+        moments = [mean, var * count]
+    else:  # an empty rank takes part with count 0 (the sum keeps its input in the graph)
+        moments = [wide.new_zeros(2 * num_features) + wide.sum() * 0]
+    # one float64 row (cat promotes): count, mean, M2
+    local = torch.cat([torch.full((1,), count, dtype=STATS_DTYPE, device=x.device), *moments])
     rows = gather_differentiable(local, group)
-    mean, m2, count = rows[0][:num_features], rows[0][num_features:], counts[0]
-    for row, n in zip(rows[1:], counts[1:], strict=True):
-        if n == 0:
-            continue
-        if count == 0:
-            mean, m2, count = row[:num_features], row[num_features:], n
-            continue
-        step, m2 = chan_merge(count, m2, n, row[:num_features] - mean, row[num_features:])
-        mean, count = mean + step, count + n
+    counts, means, m2s = (
+        rows[:, 0].detach(),
+        rows[:, 1 : 1 + num_features],
+        rows[:, 1 + num_features :],
+    )
+    reference = means[counts.argmax()].detach()
+    total, step, m2 = merge_rows(counts, means - reference, m2s)
+    if count <= 1 and float(total) <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {float(total):g} "
+            "over all ranks"
+        )
+    mean = reference + step
     # per-channel scale and shift, so the activations are touched once
     shape = [1, num_features] + [1] * (x.dim() - 2)
     scale = torch.rsqrt(m2 / total + eps)
     if weight is not None:
         scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    y = torch.addcmul(shift.view(shape), wide, scale.view(shape)).to(x.dtype)
-    return y, total, mean, m2
+    shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+    y = torch.addcmul(shift.to(wide.dtype).view(shape), wide, scale.to(wide.dtype).view(shape))
+    return y.to(x.dtype), total, mean, m2
+
+
+def _agree_on_shape(x: Tensor, num_features: int, group: Any) -> None:
+    """The first time ``group`` synchronizes ``num_features`` channels: every rank's layer
+    channels, input rank and input channels, the same everywhere, or an error on every rank."""
+    agreed = _AGREED.setdefault(group, set())
+    if num_features in agreed:
+        return
+    channels = x.shape[1] if x.dim() > 1 else 0
+    mine = torch.tensor([num_features, x.dim(), channels], device=x.device)
+    shapes = gather_rows(mine, group).tolist()
+    if any(shape != shapes[0] for shape in shapes) or not (
+        2 <= shapes[0][1] <= 5 and shapes[0][2] == shapes[0][0]
+    ):
+        listed = ", ".join(
+            f"rank {rank}: {d}D, {c} channels, num_features {f}"
+            for rank, (f, d, c) in zip(dist.get_process_group_ranks(group), shapes, strict=True)
+        )
+        raise ValueError(
+            "x: expected 2D to 5D input with num_features channels, the same on every rank, "
+            f"got {listed}"
+        )
+    agreed.add(num_features)
+
+
+def _take_part_without_statistics(x: Tensor, num_features: int, group: Any) -> None:
+    """Send a row of NaN count (every rank's statistics of this step become NaN), so that no
+    rank waits for this one, then raise the error of this rank's input."""
+    row = torch.zeros(1 + 2 * num_features, dtype=STATS_DTYPE, device=x.device)
+    row[0] = math.nan
+    gather_rows(row, group)
+    raise ValueError(
+        f"x: expected 2D to 5D input with {num_features} channels (dimension 1), got input of "
+        f"shape {tuple(x.shape)}; this rank took part in the synchronization with a NaN "
+        "count, so every rank's output of this step is NaN"
+    )
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the process group failed, or a collective with it failed: raised on
+    the ranks that were waiting for it, naming it (the failing rank raises its own error)."""
+
+
+def gather_within(row: Tensor, group: Any, timeout: float | None, what: str) -> Tensor:
+    """:func:`gather_rows` that waits at most ``timeout`` seconds for the other ranks
+    (``None``: as long as the process group lets it); ``what`` names it in errors.
+
+    A collective that times out raises ``TimeoutError`` and one that fails (a rank died)
+    :class:`RankFailedError`. The wait polls the collective's completion, so it is bounded
+    on any backend, NCCL included.
+    """
+    rows = _concatenated(row, group)
+    try:
+        work = _all_gather_single(rows, row.contiguous(), group=group, async_op=True)
+        assert work is not None  # async_op=True returns the work
+        if timeout is not None:
+            deadline, pause = time.monotonic() + timeout, 1e-4
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{what}: not every rank of the process group (ranks "
+                        f"{dist.get_process_group_ranks(group)}) arrived within {timeout:g} s; "
+                        "expected all of them (one may have died, hung, or be running "
+                        "something else)"
+                    )
+                time.sleep(pause)
+                pause = min(2 * pause, 0.01)
+        work.wait()
+    except RuntimeError as error:  # the backend's: a rank died, or the group's own timeout
+        raise RankFailedError(
+            f"{what}: the collective with the other ranks failed: {error}"
+        ) from error
+    return rows.view(-1, *row.shape)
+
+
+def agree(
+    failure: Exception | None, value: int, group: Any, device: Any, timeout: float | None, what: str
+) -> list[int]:
+    """Every rank's ``value``, once every rank of ``group`` said whether it failed.
+
+    If any rank passes a ``failure``, every rank learns it from the same collective and
+    stops: the failing ranks raise their own errors, the others a :class:`RankFailedError`
+    naming them with their errors. Nobody is left waiting for a rank that gave up.
+    """
+    mine = torch.tensor([failure is not None, value], device=device)
+    rows = gather_within(mine, group, timeout, what).tolist()
+    if not any(failed for failed, _ in rows):
+        return [v for _, v in rows]
+    errors: list[Any] = [None] * len(rows)
+    described = None if failure is None else f"{type(failure).__name__}: {failure}"
+    dist.all_gather_object(errors, described, group=group)
+    if failure is not None:
+        raise failure
+    ranks = dist.get_process_group_ranks(group)
+    listed = "; ".join(f"rank {ranks[r]}: {e}" for r, e in enumerate(errors) if e is not None)
+    raise RankFailedError(f"{what}: another rank failed, so every rank stops ({listed})")
 
 
 def merge_pooled(
-    pooled: State | None, num_features: int, device: Any, group: Any = None, skipped: int = 0
+    pooled: State | None,
+    num_features: int,
+    device: Any,
+    group: Any = None,
+    skipped: int = 0,
+    timeout: float | None = None,
 ) -> tuple[State | None, int]:
-    """Merge a pooled calibration state (count, mean, m2) across ranks, and the numbers of
-    batches the ranks left out of their pools; the state is None if empty everywhere.
+    """Merge a pooled calibration state (count, num_batches, mean, m2) across the ranks of
+    ``group``, and the numbers of batches the ranks left out of their pools; the state is
+    None if empty everywhere. ``timeout`` as in :func:`gather_within`.
 
-    A rank that saw no data passes ``None`` and still takes part.
+    A rank that saw no data passes ``None`` and still takes part. The pools merge at once
+    around the mean of the largest one, in float64.
     """
-    row = torch.zeros(2 + 2 * num_features, dtype=STATS_DTYPE, device=device)
-    row[1] = skipped
+    row = torch.zeros(3 + 3 * num_features, dtype=STATS_DTYPE, device=device)
+    row[2] = skipped
     if pooled is not None:
-        row[0] = pooled["count"]
-        row[2 : 2 + num_features] = pooled["mean_origin"] + pooled["mean_offset"]
-        row[2 + num_features :] = pooled["m2"]
-    rows = gather_rows(row, group)
-    counts = rows[:, 0].tolist()
-    total_skipped = int(rows[:, 1].sum())
-    merged: State | None = None
-    for rank, count in enumerate(counts):
-        if count == 0:
-            continue
-        mean, m2 = rows[rank, 2 : 2 + num_features], rows[rank, 2 + num_features :]
-        if merged is None:
-            merged = {"count": count, "mean": mean, "m2": m2}
-            continue
-        step, merged_m2 = chan_merge(
-            merged["count"], merged["m2"], count, mean - merged["mean"], m2
+        row[0], row[1] = pooled["count"], pooled["num_batches"]
+        row[3:].view(3, num_features).copy_(
+            torch.stack([pooled["mean_origin"], pooled["mean_offset"], pooled["m2"]])
         )
-        merged = {"count": merged["count"] + count, "mean": merged["mean"] + step, "m2": merged_m2}
-    if merged is None:
+    rows = gather_within(row, group, timeout, "recalibrate: merging a layer's pools")
+    counts, total_skipped = rows[:, 0], int(rows[:, 2].sum())
+    if not bool(counts.any()):
         return None, total_skipped
-    zeros = merged["mean"] * 0.0
+    origins, offsets, m2s = rows[:, 3:].view(-1, 3, num_features).unbind(1)
+    reference = origins[counts.argmax()]
+    total, step, m2 = merge_rows(counts, (origins - reference) + offsets, m2s)
     state = {
-        "count": merged["count"],
-        "num_batches": len([c for c in counts if c]),
-        "mean_origin": merged["mean"],
-        "mean_offset": zeros,
-        "m2": merged["m2"],
+        "count": int(total),
+        "num_batches": int(rows[:, 1].sum()),
+        "mean_origin": reference,
+        "mean_offset": step,
+        "m2": m2,
     }
     return state, total_skipped
 
@@ -222,10 +366,15 @@ def _feature_shape(stats: Estimator, state: dict[str, Any]) -> tuple[int, ...] |
 
 
 __all__ = [
+    "RankFailedError",
     "active",
+    "agree",
     "all_reduce_stats",
     "gather_differentiable",
     "gather_rows",
+    "gather_within",
     "merge_pooled",
+    "merge_rows",
+    "resolved",
     "synchronized_batch_norm",
 ]

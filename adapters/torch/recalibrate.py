@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from normstats.estimators._base import State
 
 from . import distributed
+from .arguments import non_negative_real
 from .batchnorm import BatchNorm, NonFiniteCalibrationError
 
 
@@ -55,6 +56,7 @@ def recalibrate(
     max_batches: int | None = None,
     progress: bool = False,
     sync: bool = True,
+    timeout: float | None = None,
 ) -> nn.Module:
     """Replace every normstats BatchNorm's statistics by the exact ones over ``data``.
 
@@ -72,9 +74,16 @@ def recalibrate(
     (``"raise"``, model unchanged).
 
     When ``torch.distributed`` is initialized (and ``sync`` is True) each layer's pool is
-    merged across the ranks of the world before it is written, so a dataset sharded over
-    the ranks gives every rank the statistics of one process over the whole dataset; a
-    rank with no data still takes part.
+    merged across the ranks of the layer's ``process_group`` (None: the world) before it is
+    written, so a dataset sharded over the ranks gives every rank the statistics of one
+    process over the whole dataset; a rank with no data still takes part. Before the
+    merges the ranks agree that none of them failed: if one did (an exception in its
+    forward, a NaN batch under ``nan_policy="raise"``), it raises its error and every
+    other rank a :class:`~normstats.adapters.torch.distributed.RankFailedError` naming it,
+    all with the model unchanged. ``timeout`` bounds, in seconds, how long a rank waits for
+    the others at each of these collectives (their calibration passes included); None
+    leaves it to the process group's own timeout. A rank that did not arrive in time makes
+    the others raise ``TimeoutError``.
     """
     if layerwise and iter(data) is data:
         raise TypeError(
@@ -84,24 +93,17 @@ def recalibrate(
     if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
         raise ValueError(f"max_batches: expected a positive int or None, got {max_batches!r}")
     layers = [m for m in model.modules() if isinstance(m, BatchNorm) and m.strategy is not None]
-    shared = sync and distributed.active()
     modes = [(module, module.training) for module in model.modules()]
     saved = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in layers]
     names = {layer: name or type(layer).__name__ for name, layer in model.named_modules()}
+    peers = _Peers(layers, sync, _seconds(timeout), names)
     try:
         model.eval()
         with torch.no_grad():
             if layerwise:
-                skipped = _layer_by_layer(model, layers, data, max_batches, progress, shared)
+                skipped = _layer_by_layer(model, layers, data, max_batches, progress, peers)
             else:
-                skipped = _one_pass(model, layers, data, max_batches, progress, shared)
-    except NonFiniteCalibrationError as error:
-        _restore(layers, saved)
-        raise ValueError(
-            f"data: expected finite values, got NaN or Inf in batch {error.batch} at the input "
-            f"of layer {names.get(error.layer, '?')!r}, whose nan_policy is 'raise'; remove "
-            f"the batch, or build the layer with nan_policy='skip' to leave such batches out"
-        ) from None
+                skipped = _one_pass(model, layers, data, max_batches, progress, peers)
     except BaseException:
         _restore(layers, saved)
         raise
@@ -110,6 +112,16 @@ def recalibrate(
             module.training = mode
     _report(skipped, names, layerwise)
     return model
+
+
+def _seconds(timeout: object) -> float | None:
+    """``timeout`` as a positive number of seconds, or None."""
+    if timeout is None:
+        return None
+    seconds = non_negative_real("timeout", timeout)  # a number, or a TypeError
+    if seconds == 0:
+        raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")
+    return seconds
 
 
 def _restore(layers: list[BatchNorm], saved: list[dict[str, Tensor]]) -> None:
@@ -139,22 +151,88 @@ def _report(skipped: dict[BatchNorm, int], names: dict[nn.Module, str], layerwis
     )
 
 
+class _Peers:
+    """The other ranks a recalibration merges with: each layer's process group (None: the
+    world) when ``sync`` and ``torch.distributed`` has more than one rank in it, else none.
+
+    The ranks agree, before they merge, that none of them failed, over the group the layers
+    share (the world when their groups differ), so that one rank's error stops every rank
+    instead of leaving the others waiting in a merge.
+    """
+
+    def __init__(
+        self,
+        layers: list[BatchNorm],
+        sync: bool,
+        timeout: float | None,
+        names: dict[nn.Module, str],
+    ) -> None:
+        self.sync, self.timeout, self.names = sync, timeout, names
+        groups = {id(_group(layer)): _group(layer) for layer in layers}
+        self.group = groups.popitem()[1] if len(groups) == 1 else distributed.resolved(None)
+        self.device = layers[0]._device() if layers else torch.device("cpu")
+
+    def agree(self, failure: Exception | None, value: int = -1) -> list[int]:
+        """Every rank's ``value`` (only this rank's without peers), unless a rank failed:
+        then the failing ranks raise their errors and the others name them."""
+        if failure is not None:
+            failure = self._described(failure)
+        if not (self.sync and distributed.active(self.group)):
+            if failure is not None:
+                raise failure
+            return [value]
+        what = "recalibrate: agreeing that every rank calibrated"
+        return distributed.agree(failure, value, self.group, self.device, self.timeout, what)
+
+    def merged(
+        self, pooled: State | None, skipped: int, layer: BatchNorm
+    ) -> tuple[State | None, int]:
+        """A layer's pooled calibration state and the number of batches left out of it,
+        merged with those of the other ranks of its process group."""
+        group = _group(layer)
+        if not (self.sync and distributed.active(group)):
+            return pooled, skipped
+        return distributed.merge_pooled(
+            pooled, layer.num_features, layer._device(), group, skipped, self.timeout
+        )
+
+    def _described(self, error: Exception) -> Exception:
+        """The error a user sees (a layer's refusal of a NaN batch names the batch)."""
+        if not isinstance(error, NonFiniteCalibrationError):
+            return error
+        return ValueError(
+            f"data: expected finite values, got NaN or Inf in batch {error.batch} at the input "
+            f"of layer {self.names.get(error.layer, '?')!r}, whose nan_policy is 'raise'; "
+            f"remove the batch, or build the layer with nan_policy='skip' to leave such "
+            f"batches out"
+        )
+
+
+def _group(layer: BatchNorm) -> Any:
+    return distributed.resolved(layer.process_group)
+
+
 def _one_pass(
     model: nn.Module,
     layers: list[BatchNorm],
     data: Iterable[Any],
     max_batches: int | None,
     progress: bool,
-    shared: bool,
+    peers: _Peers,
 ) -> dict[BatchNorm, int]:
     """Calibrate every layer in one pass; the number of batches left out, per layer."""
     for layer in layers:
         layer.start_calibration()
     skipped = 0
-    for index, inputs in _batches(data, max_batches, progress, "recalibrate"):
-        _forward(model, inputs, index)
-        skipped += _end_batch(layers)
-    pooled = [_merged(layer.stop_calibration(), skipped, layer, shared) for layer in layers]
+    failure = None
+    try:
+        for index, inputs in _batches(data, max_batches, progress, "recalibrate"):
+            _forward(model, inputs, index)
+            skipped += _end_batch(layers)
+    except Exception as error:  # the other ranks learn it before any merge
+        failure = error
+    peers.agree(failure)
+    pooled = [peers.merged(layer.stop_calibration(), skipped, layer) for layer in layers]
     for layer, (state, left_out) in zip(layers, pooled, strict=True):
         layer.load_calibration(_reached(state, left_out, layer), left_out)
     return {layer: left_out for layer, (_, left_out) in zip(layers, pooled, strict=True)}
@@ -183,7 +261,7 @@ def _layer_by_layer(
     data: Iterable[Any],
     max_batches: int | None,
     progress: bool,
-    shared: bool,
+    peers: _Peers,
 ) -> dict[BatchNorm, int]:
     """Calibrate the first uncalibrated layer the forward reaches, then the next, ...;
     the number of batches each layer's pass left out."""
@@ -207,18 +285,23 @@ def _layer_by_layer(
             target.clear()
             left_out = 0
             label = f"recalibrate layer {step + 1}/{len(layers)}"
-            for index, inputs in _batches(data, max_batches, progress, label):
-                with contextlib.suppress(_StopForwardError):
-                    _forward(model, inputs, index)
-                left_out += _end_batch(target)
-            layer = _agreed_target(target, layers, shared)
+            failure = None
+            try:
+                for index, inputs in _batches(data, max_batches, progress, label):
+                    with contextlib.suppress(_StopForwardError):
+                        _forward(model, inputs, index)
+                    left_out += _end_batch(target)
+            except Exception as error:  # the other ranks learn it before any merge
+                failure = error
+            mine = layers.index(target[0]) if target else -1
+            layer = _agreed_target(peers.agree(failure, mine), layers)
             if layer is None:
                 raise ValueError(
                     f"data: the forward never reached {len(remaining)} BatchNorm layer(s); "
                     "expected every layer to be used by the model"
                 )
-            pooled, left_out = _merged(
-                layer.stop_calibration() if target else None, left_out, layer, shared
+            pooled, left_out = peers.merged(
+                layer.stop_calibration() if target else None, left_out, layer
             )
             layer.load_calibration(_reached(pooled, left_out, layer), left_out)
             skipped[layer] = left_out
@@ -229,29 +312,10 @@ def _layer_by_layer(
     return skipped
 
 
-def _merged(
-    pooled: State | None, skipped: int, layer: BatchNorm, shared: bool
-) -> tuple[State | None, int]:
-    """A layer's pooled calibration state and the number of batches left out of it, merged
-    with the other ranks' when ``shared``."""
-    if not shared:
-        return pooled, skipped
-    return distributed.merge_pooled(pooled, layer.num_features, layer._device(), skipped=skipped)
-
-
-def _agreed_target(
-    target: list[BatchNorm], layers: list[BatchNorm], shared: bool
-) -> BatchNorm | None:
-    """The layer this layerwise pass calibrated; ranks without data learn it from the others."""
-    if not shared:
-        return target[0] if target else None
-    mine = layers.index(target[0]) if target else -1
-    device = layers[0]._device()
-    chosen = {
-        int(i)
-        for i in distributed.gather_rows(torch.tensor([mine], device=device))[:, 0].tolist()
-        if i >= 0
-    }
+def _agreed_target(reached: list[int], layers: list[BatchNorm]) -> BatchNorm | None:
+    """The layer a layerwise pass calibrated, from the index each rank's forward reached
+    first (-1: a rank without data, which learns it from the others)."""
+    chosen = {index for index in reached if index >= 0}
     if len(chosen) > 1:
         raise ValueError(
             f"model: the ranks reached different BatchNorm layers first ({sorted(chosen)}); "

@@ -13,8 +13,9 @@ single-process references from the same weights.
 from __future__ import annotations
 
 import datetime
+import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
@@ -28,7 +29,10 @@ from torch import nn  # noqa: E402
 
 import normstats as ns  # noqa: E402
 from normstats.adapters.torch import BatchNorm, convert, recalibrate  # noqa: E402
-from normstats.adapters.torch.distributed import all_reduce_stats  # noqa: E402
+from normstats.adapters.torch.distributed import (  # noqa: E402
+    all_reduce_stats,
+    synchronized_batch_norm,
+)
 
 TIMEOUT = datetime.timedelta(seconds=30)
 F64 = torch.float64
@@ -280,6 +284,117 @@ def recalibrated_shard(
     return result
 
 
+def grouped_recalibration(
+    rank: int, state: dict[str, np.ndarray[Any, Any]], shards: list[list[np.ndarray[Any, Any]]]
+) -> dict[str, Any]:
+    """``recalibrate`` with the layers' ``process_group`` {0, 1} on ranks 0 and 1 and {2}
+    on rank 2 (every rank creates both groups, as ``new_group`` asks)."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2])]
+    shard = [torch.from_numpy(b) for b in shards[rank]]
+    result: dict[str, Any] = {}
+    for mode in ("one_pass", "layerwise"):
+        model = recalibration_net()
+        load_numpy_state(model, state)
+        model = convert(model, stats="exact", process_group=groups[0 if rank < 2 else 1])
+        result[mode] = _statistics(recalibrate(model, shard, layerwise=mode == "layerwise"))
+    result["in_sync"] = _in_sync(len(shards))
+    return result
+
+
+class FailingAt(nn.Module):
+    """``model``, except that its ``call``-th forward on rank ``rank`` raises."""
+
+    def __init__(self, model: nn.Module, rank: int, call: int) -> None:
+        super().__init__()
+        self.model, self.rank, self.call, self.calls = model, rank, call, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if dist.get_rank() == self.rank and self.calls == self.call:
+            raise RuntimeError(f"forward {self.call} failed on rank {self.rank}")
+        out: torch.Tensor = self.model(x)
+        return out
+
+
+def _failed_recalibration(model: nn.Module, data: Any, **kwargs: Any) -> dict[str, Any]:
+    """The error ``recalibrate`` raised here, and whether the model is as it was."""
+    before = numpy_state(model)
+    try:
+        recalibrate(model, data, **kwargs)
+        outcome = "no error"
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
+    after = numpy_state(model)
+    untouched = before.keys() == after.keys() and all(
+        np.array_equal(before[k], after[k]) for k in before
+    )
+    return {"outcome": outcome, "untouched": untouched}
+
+
+def _waiting(
+    rank: int, world: int, gave_up: Any, data: list[torch.Tensor]
+) -> Iterator[torch.Tensor]:
+    """``data``, except that rank 1 first waits (hangs) until every other rank gave up."""
+    if rank == 1:
+        for _ in range(world - 1):
+            gave_up.acquire(timeout=60)
+    yield from data
+
+
+def recalibration_faults(
+    rank: int,
+    world: int,
+    state: dict[str, np.ndarray[Any, Any]],
+    shards: list[list[np.ndarray[Any, Any]]],
+    gave_up: Any,
+) -> dict[str, Any]:
+    """A rank that fails during ``recalibrate`` (its forward raises, a NaN batch under
+    nan_policy="raise"), then one that hangs while the others wait with a timeout (each
+    releases ``gave_up``, a semaphore, once it did)."""
+    shard = [torch.from_numpy(b) for b in shards[rank]]
+
+    def fresh(**kwargs: Any) -> nn.Module:
+        model = recalibration_net()
+        load_numpy_state(model, state)
+        return convert(model, stats="welford", **kwargs)
+
+    result: dict[str, Any] = {}
+    for mode, call in (("one_pass", 2), ("layerwise", 5)):
+        model = FailingAt(fresh(), rank=2, call=call)
+        layerwise = mode == "layerwise"
+        result[mode] = _failed_recalibration(model, shard, layerwise=layerwise, timeout=20.0)
+        result[mode]["in_sync"] = _in_sync(world)
+    spoiled = [b.clone() for b in shard]
+    if rank == 2:
+        spoiled[1][0, 0, 0, 0] = float("nan")
+    result["nan"] = _failed_recalibration(fresh(nan_policy="raise"), spoiled)
+    result["nan"]["in_sync"] = _in_sync(world)
+    # last, as the late rank's collectives find no partner: a rank that hangs
+    data = _waiting(rank, world, gave_up, shard)
+    result["hang"] = _failed_recalibration(fresh(), data, timeout=1.0)
+    if rank != 1:
+        gave_up.release()
+    return result
+
+
+def dying_rank(rank: int, world: int, batches: list[np.ndarray[Any, Any]]) -> dict[str, Any]:
+    """Rank 1's process ends in the middle of its calibration pass; the other's error."""
+
+    def data() -> Iterator[torch.Tensor]:
+        for index, batch in enumerate(batches):
+            if rank == 1 and index == 1:
+                os._exit(3)
+            yield torch.from_numpy(batch)
+
+    model = recalibration_net()
+    model = convert(model, stats="exact")
+    try:
+        recalibrate(model, data())
+    except Exception as error:
+        return {"outcome": f"{type(error).__name__}: {error}"}
+    return {"outcome": "no error"}
+
+
 def ddp_training(
     rank: int,
     world: int,
@@ -330,6 +445,98 @@ def channel_faults(rank: int, world: int) -> dict[str, Any]:
     except ValueError as error:
         result["input_rank"] = f"ValueError: {error}"
     result["input_rank_in_sync"] = _in_sync(world)
+    return result
+
+
+COLLECTIVE_OPS = {
+    "all-gather": ("c10d::_allgather_base_", "c10d::allgather_"),
+    "all-reduce": ("c10d::allreduce_",),
+}
+"""The profiler's names of the collectives a synchronized step may run (both all-gathers:
+into one tensor, and into a list)."""
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+"""The tensor methods that read a value on the host (a synchronization on a GPU)."""
+
+
+def _collectives(step: Callable[[], Any]) -> dict[str, int]:
+    """How many of each collective ``step`` runs (torch.profiler's count of their ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    calls = {event.key: event.count for event in profile.key_averages()}
+    return {name: sum(calls.get(op, 0) for op in ops) for name, ops in COLLECTIVE_OPS.items()}
+
+
+def _without_host_reads(step: Callable[[], Any]) -> str:
+    """Run ``step`` with every host read of a tensor raising; "none", or what it read."""
+    patches = [
+        mock.patch.object(torch.Tensor, name, side_effect=AssertionError(f"host read: {name}"))
+        for name in HOST_READS
+    ]
+    for patch in patches:
+        patch.start()
+    try:
+        step()
+    except AssertionError as error:
+        return str(error)
+    finally:
+        for patch in patches:
+            patch.stop()
+    return "none"
+
+
+def steady_state(rank: int, world: int) -> dict[str, Any]:
+    """Collectives of a synchronized layer's first and later training steps, and host reads
+    of later steps (a channel count no other part uses, so the first step is its first)."""
+    channels = 6
+    bn = BatchNorm(channels, sync=True, stats="welford")
+    x = torch.randn(rank + 2, channels, 2, 2, requires_grad=True)
+    weight = torch.ones(channels, requires_grad=True)
+    result: dict[str, Any] = {"first": _collectives(lambda: bn(x).sum().backward())}
+    result["later"] = [_collectives(lambda: bn(x).sum().backward()) for _ in range(3)]
+
+    def bare_step() -> None:
+        y, *_ = synchronized_batch_norm(x, weight, None, 1e-5, channels, None)
+        y.backward(torch.ones_like(y))
+
+    result["host_reads"] = _without_host_reads(bare_step)
+    result["tracked"] = int(bn.num_batches_tracked)
+    return result
+
+
+def tiny_totals(
+    rank: int, world: int, cases: dict[str, list[np.ndarray[Any, Any]]]
+) -> dict[str, Any]:
+    """Steps whose ranks hold at most one value per channel (some none): the error every
+    rank raises when the total is at most one, else the output and the statistics."""
+    result: dict[str, Any] = {}
+    for name, batches in cases.items():
+        bn = BatchNorm(batches[rank].shape[1], sync=True, stats="welford", dtype=F64)
+        try:
+            y = bn(torch.from_numpy(batches[rank]))
+            outcome: Any = {"y": _np(y), "mean": _np(bn.running_mean), "var": _np(bn.running_var)}
+        except ValueError as error:
+            outcome = f"ValueError: {error}"
+        result[name] = outcome
+        result[name + " tracked"] = int(bn.num_batches_tracked)
+        result[name + " in_sync"] = _in_sync(world)
+    return result
+
+
+def late_mismatch(rank: int, world: int) -> dict[str, Any]:
+    """A synchronized layer's second step, in which rank 1's input has other channels."""
+    channels = 5
+    bn = BatchNorm(channels, sync=True, stats="welford")
+    bn(torch.randn(4, channels, 2, 2))
+    x = torch.randn(4, channels + 1 if rank == 1 else channels, 2, 2)
+    result: dict[str, Any] = {}
+    try:
+        result["y"] = _np(bn(x))
+        result["outcome"] = "no error"
+    except ValueError as error:
+        result["outcome"] = f"ValueError: {error}"
+    result["tracked"] = int(bn.num_batches_tracked)
+    result["skipped"] = int(bn.num_batches_skipped)
+    result["in_sync"] = _in_sync(world)
     return result
 
 
@@ -423,6 +630,9 @@ def layers_task(rank: int, world: int, layer_cases: dict[str, Any], others: dict
         parts["recalibrate"] = lambda: recalibrated_shard(rank, **others["recalibrate"])
     for name, case in others.get("low_precision", {}).items():
         parts[name] = lambda case=case: sync_low_precision(rank, **case)
+    if "grouped" in others:
+        parts["grouped"] = lambda: grouped_recalibration(rank, **others["grouped"])
+    parts["steady_state"] = lambda: steady_state(rank, world)
     return _run_parts(parts)
 
 
@@ -430,18 +640,37 @@ def ddp_task(rank: int, world: int, case: dict[str, Any]) -> Any:
     return _run_parts({"ddp": lambda: ddp_training(rank, world, **case)})
 
 
-def faults_task(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]]) -> Any:
+def faults_task(
+    rank: int,
+    world: int,
+    streams: list[list[np.ndarray[Any, Any]]],
+    totals: dict[str, list[np.ndarray[Any, Any]]],
+) -> Any:
     return _run_parts(
         {
             "channels": lambda: channel_faults(rank, world),
+            "late_mismatch": lambda: late_mismatch(rank, world),
+            "tiny_totals": lambda: tiny_totals(rank, world, totals),
             "all_reduce_stats": lambda: reduced_stats(rank, world, streams),
             "stats_faults": lambda: stats_faults(rank, world, streams),
         }
     )
 
 
+def recalibration_faults_task(rank: int, world: int, case: dict[str, Any], gave_up: Any) -> Any:
+    return _run_parts(
+        {"faults": lambda: recalibration_faults(rank, world, gave_up=gave_up, **case)}
+    )
+
+
+def dying_task(rank: int, world: int, batches: list[np.ndarray[Any, Any]]) -> Any:
+    return _run_parts({"dying": lambda: dying_rank(rank, world, batches)})
+
+
 TASKS: dict[str, Callable[..., Any]] = {
     "layers": layers_task,
     "ddp": ddp_task,
     "faults": faults_task,
+    "recalibration_faults": recalibration_faults_task,
+    "dying": dying_task,
 }

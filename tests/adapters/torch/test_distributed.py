@@ -21,6 +21,7 @@ import itertools
 import queue
 import socket
 import time
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,9 @@ from torch import nn  # noqa: E402
 
 import normstats as ns  # noqa: E402
 from normstats.adapters.torch import BatchNorm, convert, recalibrate  # noqa: E402
-from normstats.adapters.torch.distributed import all_reduce_stats  # noqa: E402
+from normstats.adapters.torch.distributed import all_reduce_stats, merge_rows  # noqa: E402
 
+from ...helpers import relative_error_to_exact  # noqa: E402
 from . import _distributed_workers as workers  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -69,11 +71,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(task: str, world: int, *args: Any) -> list[Any]:
+def spawn(task: str, world: int, *args: Any, dying: frozenset[int] = frozenset()) -> list[Any]:
     """Run ``workers.TASKS[task]`` on ``world`` ranks; every rank's result, in rank order.
 
     Fails with the ranks' tracebacks (or the exit codes of ranks that said nothing) if any
-    rank fails or the deadline passes; no process outlives this call.
+    rank fails or the deadline passes; no process outlives this call. The ranks in
+    ``dying`` are meant to end without a report (their result is None).
     """
     ctx = mp.get_context("spawn")
     results: queue.Queue[Any] = ctx.Queue()
@@ -114,6 +117,8 @@ def spawn(task: str, world: int, *args: Any) -> list[Any]:
         results.join_thread()
     failures = []
     for rank, process in enumerate(processes):
+        if rank in dying and rank not in reports:
+            reports[rank] = (True, None)
         if rank not in reports:
             why = "terminated at the deadline" if process.pid in stopped else "died"
             failures.append(f"rank {rank}: no report ({why}, exit code {process.exitcode})")
@@ -230,6 +235,20 @@ def low_precision_case(dtype: str) -> dict[str, Any]:
 LOW_PRECISION_CASES = {f"low_precision_{d}": low_precision_case(d) for d in workers.DTYPES}
 
 
+def tiny_totals_case(sizes: list[int]) -> list[np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(31 + sum(sizes))
+    return [rng.normal(2.0, 3.0, size=(n, C)) for n in sizes]
+
+
+TINY_TOTALS = {
+    "one": tiny_totals_case([1, 0, 0]),
+    "none": tiny_totals_case([0, 0, 0]),
+    "two": tiny_totals_case([1, 0, 1]),
+}
+"""Each of 3 ranks' (N, C) batch: at most one value per channel each, and in all one, none
+or two."""
+
+
 # -- the spawns (one per world and purpose) ------------------------------------------------
 
 
@@ -245,12 +264,13 @@ def layers_on_2() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def layers_on_3() -> list[dict[str, Any]]:
-    return spawn("layers", 3, LAYER_CASES[3], {"recalibrate": recalibration_case(3)})
+    case = recalibration_case(3)
+    return spawn("layers", 3, LAYER_CASES[3], {"recalibrate": case, "grouped": case})
 
 
 @pytest.fixture(scope="module")
 def faults_on_3() -> list[dict[str, Any]]:
-    return spawn("faults", 3, welford_streams())
+    return spawn("faults", 3, welford_streams(), TINY_TOTALS)
 
 
 @pytest.fixture(params=[2, 3], ids=lambda w: f"world{w}")
@@ -393,6 +413,97 @@ def test_sync_in_low_precision_computes_the_statistics_in_float32(layers_on_2, d
         np.testing.assert_allclose(total, grad.numpy(), rtol=1e-2, atol=1.0, err_msg=name)
 
 
+def test_sync_step_is_one_all_gather_without_host_reads_after_the_first(layers):
+    """It used to be two all-gathers every step (shapes, then moments) and a host read."""
+    world, results = layers
+    for rank, r in enumerate(part(results, "steady_state")):
+        # the first step with these channels also compares every rank's shape
+        assert r["first"] == {"all-gather": 2, "all-reduce": 1}, f"rank {rank}"
+        assert r["later"] == [{"all-gather": 1, "all-reduce": 1}] * 3, f"rank {rank}"
+        assert r["host_reads"] == "none", f"rank {rank} of {world}"
+        assert r["tracked"] == 4
+
+
+def test_sync_total_of_at_most_one_value_raises_on_every_rank(faults_on_3):
+    for rank, r in enumerate(part(faults_on_3, "tiny_totals")):
+        for name, total in (("one", 1), ("none", 0)):
+            assert r[name] == (
+                "ValueError: Expected more than 1 value per channel when training, got "
+                f"{total} over all ranks"
+            ), f"rank {rank}: {r[name]}"
+            assert r[name + " tracked"] == 0
+            assert r[name + " in_sync"]
+
+
+def test_sync_total_of_two_single_values_normalizes_them_together(faults_on_3):
+    ranks = part(faults_on_3, "tiny_totals")
+    batches = TINY_TOTALS["two"]
+    bn = nn.BatchNorm1d(C, dtype=F64)
+    expected = bn(torch.from_numpy(np.concatenate(batches))).detach().numpy()
+    everything = np.concatenate(batches)
+    for rank, (r, cut) in enumerate(zip(ranks, rank_slices([1, 0, 1]), strict=True)):
+        np.testing.assert_allclose(r["two"]["y"], expected[cut], **TOL, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(r["two"]["mean"], everything.mean(axis=0), **TOL)
+        np.testing.assert_allclose(r["two"]["var"], everything.var(axis=0, ddof=1), **TOL)
+        assert r["two tracked"] == 1
+        assert r["two in_sync"]
+
+
+def test_sync_input_that_stops_fitting_raises_there_and_spoils_the_others_step(faults_on_3):
+    """After the first step the shapes are not compared again; a rank whose input no longer
+    fits still takes part (no rank waits for it) with a NaN count, then raises."""
+    ranks = part(faults_on_3, "late_mismatch")
+    message = ranks[1]["outcome"]
+    assert message.startswith("ValueError: x: expected 2D to 5D input with 5 channels"), message
+    assert "(4, 6, 2, 2)" in message
+    assert "NaN" in message
+    assert (ranks[1]["tracked"], ranks[1]["skipped"]) == (1, 0)
+    for rank in (0, 2):
+        r = ranks[rank]
+        assert r["outcome"] == "no error"
+        assert np.isnan(r["y"]).all(), f"rank {rank}"
+        assert (r["tracked"], r["skipped"]) == (1, 1), f"rank {rank}"
+    assert all(r["in_sync"] for r in ranks)
+
+
+def exact_union(
+    counts: list[int], means: np.ndarray[Any, Any], m2s: np.ndarray[Any, Any]
+) -> tuple[list[Fraction], list[Fraction]]:
+    """Mean and M2 of the union of samples with these counts, means and M2s, exactly."""
+    n = sum(counts)
+    union_means, union_m2s = [], []
+    for j in range(means.shape[1]):
+        mean = sum((c * Fraction(float(m)) for c, m in zip(counts, means[:, j], strict=True)))
+        mean /= n
+        spread = sum(
+            (c * (Fraction(float(m)) - mean) ** 2 for c, m in zip(counts, means[:, j], strict=True))
+        )
+        union_means.append(mean)
+        union_m2s.append(sum(Fraction(float(m2)) for m2 in m2s[:, j]) + spread)
+    return union_means, union_m2s
+
+
+def test_merge_rows_is_the_exact_union_of_the_rows():
+    """All rows at once, around a reference (one row's mean), with an empty row: to float64
+    rounding of the union's mean and M2 (exact rationals), means far from zero too."""
+    rng = np.random.default_rng(37)
+    counts = [5, 1, 0, 12, 7]
+    means = 1e8 + rng.normal(size=(5, 3)) * [1.0, 0.01, 100.0]
+    means[2] = 0.0  # an empty row's mean is 0
+    m2s = rng.uniform(0.0, 10.0, size=(5, 3)) * np.array(counts)[:, None]
+    rows = torch.tensor(means)
+    reference = rows[int(np.argmax(counts))]
+    total, step, m2 = merge_rows(
+        torch.tensor(counts, dtype=F64), rows - reference, torch.tensor(m2s)
+    )
+    exact_mean, exact_m2 = exact_union(counts, means, m2s)
+    assert total.item() == 25
+    # the reference's digits are exact: the mean is rounded once, to half an ulp (2**-53);
+    # without a reference this mean is 1.3e-16 off
+    assert relative_error_to_exact(reference + step, exact_mean) < 1.2e-16
+    assert relative_error_to_exact(m2, exact_m2) < 1e-14
+
+
 # -- 2. recalibrate over shards is recalibrate over the whole dataset ------------------------
 
 
@@ -439,6 +550,101 @@ def test_recalibrate_without_sync_gives_each_rank_its_own_shard(layers):
         own = single_process_statistics([batches[i] for i in shard])
         assert_same_statistics(r["unsynced"], own, f"sync=False, rank {rank} of {world}")
         assert not np.allclose(r["unsynced"][0][0], whole[0][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "layerwise"])
+def test_recalibrate_merges_over_each_layers_process_group(layers_on_3, mode):
+    """Groups {0, 1} and {2}: each gets the statistics of its own ranks' shards (the whole
+    world's used to reach every rank, whatever the layers' process_group)."""
+    ranks = part(layers_on_3, "grouped")
+    batches = calibration_batches()
+    layerwise = mode == "layerwise"
+    whole = single_process_statistics(batches, layerwise=layerwise)
+    shards = SHARDS[3]
+    for members in ([0, 1], [2]):
+        group_batches = [batches[i] for rank in members for i in shards[rank]]
+        expected = single_process_statistics(group_batches, layerwise=layerwise)
+        for rank in members:
+            label = f"{mode}, rank {rank} in group {members}"
+            assert_same_statistics(ranks[rank][mode], expected, label)
+            assert not np.allclose(ranks[rank][mode][0][0], whole[0][0], rtol=1e-6), label
+    assert all(r["in_sync"] for r in ranks)
+
+
+@pytest.fixture(scope="module")
+def recalibration_faults() -> list[dict[str, Any]]:
+    gave_up = mp.get_context("spawn").Semaphore(0)
+    return part(spawn("recalibration_faults", 3, recalibration_case(3), gave_up), "faults")
+
+
+@pytest.mark.parametrize(("mode", "call"), [("one_pass", 2), ("layerwise", 5)])
+def test_recalibrate_rank_whose_forward_fails_stops_every_rank(recalibration_faults, mode, call):
+    """Rank 2's forward raises; the others used to wait for it in the merge until the
+    process group's timeout."""
+    error = f"RuntimeError: forward {call} failed on rank 2"
+    for rank, r in enumerate(recalibration_faults):
+        outcome = r[mode]["outcome"]
+        if rank == 2:
+            assert outcome == error
+        else:
+            assert outcome.startswith("RankFailedError: recalibrate: "), f"rank {rank}: {outcome}"
+            assert f"rank 2: {error}" in outcome, outcome
+        assert r[mode]["untouched"], f"rank {rank}: the model changed"
+        assert r[mode]["in_sync"]
+
+
+def test_recalibrate_nan_batch_under_raise_on_one_rank_stops_every_rank(recalibration_faults):
+    expected = "ValueError: data: expected finite values, got NaN or Inf in batch 1 at the input"
+    for rank, r in enumerate(recalibration_faults):
+        outcome = r["nan"]["outcome"]
+        if rank == 2:
+            assert outcome.startswith(expected), outcome
+        else:
+            assert outcome.startswith("RankFailedError"), f"rank {rank}: {outcome}"
+            assert f"rank 2: {expected}" in outcome, outcome
+        assert r["nan"]["untouched"], f"rank {rank}: the model changed"
+        assert r["nan"]["in_sync"]
+
+
+def test_recalibrate_rank_that_hangs_times_the_others_out(recalibration_faults):
+    """Rank 1 arrives only once the others have given up (it waits for them to say so)."""
+    for rank, r in enumerate(recalibration_faults):
+        outcome = r["hang"]["outcome"]
+        assert r["hang"]["untouched"], f"rank {rank}: the model changed"
+        if rank == 1:  # too late: its partners are gone, one way or the other
+            assert outcome.startswith(("TimeoutError", "RankFailedError")), outcome
+            continue
+        assert outcome.startswith("TimeoutError: recalibrate: "), f"rank {rank}: {outcome}"
+        assert "within 1 s" in outcome, outcome
+
+
+def test_recalibrate_rank_that_dies_fails_the_others():
+    """Rank 1's process ends during its pass: rank 0 fails instead of waiting."""
+    results = spawn("dying", 2, calibration_batches()[:3], dying=frozenset({1}))
+    assert results[1] is None
+    outcome = part(results[:1], "dying")[0]["outcome"]
+    assert outcome.startswith("RankFailedError: recalibrate: "), outcome
+    assert "the collective with the other ranks failed" in outcome, outcome
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [(0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), ("5", TypeError)],
+)
+def test_recalibrate_refuses_a_timeout_that_is_not_a_positive_number(timeout, error):
+    model = convert(workers.recalibration_net(), stats="exact")
+    before = workers.numpy_state(model)
+    with pytest.raises(error, match="timeout"):
+        recalibrate(model, [torch.zeros(4, 2, SIDE, SIDE, dtype=F64)], timeout=timeout)
+    after = workers.numpy_state(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_recalibrate_takes_a_numpy_timeout():
+    assert not dist.is_initialized()
+    batches = calibration_batches()
+    with_timeout = single_process_statistics(batches, timeout=np.float32(2.5))
+    assert_same_statistics(with_timeout, single_process_statistics(batches), "numpy timeout")
 
 
 # -- 3. convert: nn.SyncBatchNorm becomes a synchronized BatchNorm -----------------------------
@@ -507,11 +713,13 @@ def test_ddp_with_sync_batchnorm_trains_as_one_process_on_the_whole_batch():
 
 
 def test_channels_differing_across_ranks_raise_on_every_rank_naming_them(faults_on_3):
-    for rank, r in enumerate(part(faults_on_3, "channels")):
+    ranks = part(faults_on_3, "channels")
+    assert len({r["channels"] for r in ranks}) == 1, "the ranks' messages differ"
+    for rank, r in enumerate(ranks):
         message = r["channels"]
         assert message.startswith("ValueError"), f"rank {rank}: {message}"
-        assert "rank 0: 4D, 3 channels" in message, message
-        assert "rank 1: 4D, 4 channels" in message, message
+        assert "rank 0: 4D, 3 channels, num_features 3" in message, message
+        assert "rank 1: 4D, 4 channels, num_features 4" in message, message
         count, mean, var = r["channels_untouched"]
         assert count == 0
         np.testing.assert_array_equal(mean, np.zeros_like(mean))
@@ -520,7 +728,9 @@ def test_channels_differing_across_ranks_raise_on_every_rank_naming_them(faults_
 
 
 def test_input_ranks_differing_across_ranks_raise_on_every_rank_naming_them(faults_on_3):
-    for rank, r in enumerate(part(faults_on_3, "channels")):
+    ranks = part(faults_on_3, "channels")
+    assert len({r["input_rank"] for r in ranks}) == 1, "the ranks' messages differ"
+    for rank, r in enumerate(ranks):
         message = r["input_rank"]
         assert message.startswith("ValueError"), f"rank {rank}: {message}"
         assert "rank 0: 2D" in message, message
@@ -614,3 +824,25 @@ def test_all_reduce_stats_without_process_group_leaves_the_estimator_alone():
         np.testing.assert_array_equal(value, before[key])
     with pytest.raises(TypeError, match="ExponentialMovingAverage"):
         all_reduce_stats(ns.ExponentialMovingAverage())
+
+
+# -- 7. share_memory: the strategy's buffers too (for torch.multiprocessing) --------------------
+
+
+@pytest.mark.parametrize("stats", ["ema", "welford", "cumulative", "exact"])
+def test_share_memory_reaches_the_strategy_buffers_which_stay_float64(stats):
+    """``share_memory()`` used to leave the strategy's float64 buffers in private memory."""
+    bn = BatchNorm(C, stats=stats)
+    bn(torch.randn(6, C, SIDE, SIDE))
+    strategy = {name: b.clone() for name, b in bn.strategy_state.named_buffers()}
+    assert bn.share_memory() is bn
+    for name, buffer in bn.named_buffers():
+        assert buffer.is_shared(), name
+    for name, buffer in bn.strategy_state.named_buffers():
+        assert buffer.dtype == F64, name
+        torch.testing.assert_close(buffer, strategy[name], rtol=0, atol=0)
+    bn(torch.randn(5, C, SIDE, SIDE))  # a step writes into the shared buffers in place
+    assert all(b.is_shared() for b in bn.buffers())
+    bn.half()
+    assert bn.running_mean.dtype == torch.float16
+    assert all(b.dtype == F64 for b in bn.strategy_state.buffers())
