@@ -257,7 +257,12 @@ class BatchNorm(_BatchNorm):
 
     @property
     def strategy_state(self) -> StrategyState | None:
-        """The strategy's float64 buffers (None for ``"batch"``)."""
+        """The strategy's float64 buffers, every batch trained on folded in (None for
+        ``"batch"``)."""
+        self.fold_pending()
+        return self._strategy_buffers()
+
+    def _strategy_buffers(self) -> StrategyState | None:
         if self.strategy is None:
             return None
         state = getattr(self, self.strategy.name)
@@ -430,7 +435,7 @@ class BatchNorm(_BatchNorm):
         self._count(folded, len(slots.counts) - folded, new)
 
     def _state(self) -> StrategyState:
-        state = self.strategy_state
+        state = self._strategy_buffers()
         if state is None:
             raise ValueError("stats: a 'batch' BatchNorm keeps no statistics to fold into")
         return state
