@@ -16,6 +16,17 @@ script measures what they cost where it matters, in a training loop and after it
   for s in "ema", "cumulative", "welford" and "exact" against ``nn.BatchNorm2d(64)`` in
   training mode, on x of shape (32, 64, 32, 32) float32 (mean 1, std 2, ``requires_grad``)
   and a fixed ``dy``; the gradients are set to None before every step.
+* network: one SGD step (zero_grad, forward, cross-entropy, backward, ``optimizer.step()``)
+  of a small network where eager PyTorch is dispatch-bound, ``NETWORK_BLOCKS`` conv-BN-ReLU
+  blocks of ``NETWORK_WIDTH`` channels on a batch of ``NETWORK_INPUT`` (4 images of 8 x 8),
+  global pooling and a linear head; torch's network against the same network converted
+  with ``convert(model, stats=s)``. Here the few operators a BatchNorm adds per step are a
+  visible share of the step, as every operator is a kernel launch on a GPU.
+* operators: top-level aten operators (those with no aten operator above them) that one
+  training forward of each layer issues, counted by ``torch.profiler`` over
+  ``AMORTIZED_STEPS`` consecutive forwards and divided by their number, so that work done
+  once every so many steps is shared among them. ``nn.BatchNorm2d`` issues 2 (the kernel
+  and the increment of ``num_batches_tracked``).
 * eval: ``layer(x)`` under ``torch.no_grad()`` after ``layer.eval()``, each layer having
   first taken a few training steps ("exact", which keeps no statistics in training, is
   recalibrated on a few batches instead), against ``nn.BatchNorm2d`` the same way.
@@ -30,7 +41,9 @@ script measures what they cost where it matters, in a training loop and after it
   own batch-statistics forward, the least a one-pass recalibration could cost.
 
 Every candidate of a group runs in the same process on the same tensors; a sample runs it
-for about the group's sample time and at least one step, the candidates are interleaved
+for about the group's sample time and at least one step (the training groups: a multiple of
+``AMORTIZED_STEPS`` steps, so that every sample carries its share of what a layer does once
+every so many steps), the candidates are interleaved
 within each repeat (their order rotated between repeats) so that noise hits them alike, and
 each ratio is the median over repeats of ``ours / torch`` taken within the same repeat. A
 second ``nn.BatchNorm2d`` (the control) is timed as one more candidate in the layer groups:
@@ -39,10 +52,14 @@ On CPU the clock is the process's CPU time (``time.process_time``): on a busy ma
 time this process waits for a core is not its cost. On CUDA it is wall time
 (``time.perf_counter``) with every sample bracketed by ``torch.cuda.synchronize()``.
 
+On CUDA the two training groups run three times: in float32, under ``torch.autocast``
+(float16), and with channels-last activations (``--device`` picks one device).
+
 Threads are pinned to one (OpenMP/BLAS through threadpoolctl, torch through
 ``set_num_threads``): the question is what the adapter costs per core, not how many idle
-cores the machine had. The script ends with the targets per device (training step <= 1.05x
-torch, evaluation <= 1.02x, one-pass recalibration <= 1.2x the plain pass, layer by layer
+cores the machine had. The script ends with the targets per device (training step of the
+layer <= 1.02x torch, of the small network <= 1.05x, <= 4 top-level operators per training
+forward, evaluation <= 1.02x, one-pass recalibration <= 1.2x the plain pass, layer by layer
 <= 0.6 (L + 1)x), judged on the worst strategy, and whether this run met them.
 """
 
@@ -84,7 +101,16 @@ WIDTH = 32
 CNN_INPUT = (16, 3, 32, 32)
 CALIBRATION_BATCHES = 8
 
-TARGET_TRAIN = 1.05
+NETWORK_BLOCKS = 8
+NETWORK_WIDTH = 32
+NETWORK_INPUT = (4, 3, 8, 8)
+NETWORK_CLASSES = 10
+AMORTIZED_STEPS = 64
+"""Training steps over which per-step costs are amortized (samples are multiples of it)."""
+
+TARGET_TRAIN = 1.02
+TARGET_NETWORK = 1.05
+TARGET_OPERATORS = 4
 TARGET_EVAL = 1.02
 TARGET_ONE_PASS = 1.2
 TARGET_LAYERWISE = 0.6
@@ -97,24 +123,38 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one group is sampled: repeats, and the time one sample lasts (at least one step)."""
+    """How one group is sampled: repeats, the time one sample lasts (at least one step), and
+    the multiple of steps a sample runs."""
 
     repeats: int
     seconds: float
+    multiple: int = 1
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The sampling of each group. A CPU training step (~7 ms) or recalibration (~0.1 s) is
-    one step per sample; on CUDA, where steps are far shorter, samples run several."""
+    """The sampling of each group. A CPU training step of the layer (~7 ms) or a
+    recalibration (~0.1 s) is one step per sample (the layer: ``AMORTIZED_STEPS`` of them);
+    on CUDA, where steps are far shorter, samples run more."""
 
     train: Sampling
+    network: Sampling
     eval: Sampling
     recalibrate: Sampling
 
 
-DEFAULT = Settings(Sampling(120, 0.005), Sampling(150, 0.005), Sampling(9, 0.02))
-QUICK = Settings(Sampling(40, 0.005), Sampling(50, 0.005), Sampling(3, 0.02))
+DEFAULT = Settings(
+    Sampling(15, 0.1, AMORTIZED_STEPS),
+    Sampling(20, 0.05, AMORTIZED_STEPS),
+    Sampling(150, 0.005),
+    Sampling(9, 0.02),
+)
+QUICK = Settings(
+    Sampling(5, 0.1, AMORTIZED_STEPS),
+    Sampling(10, 0.05, AMORTIZED_STEPS),
+    Sampling(50, 0.005),
+    Sampling(3, 0.02),
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +164,23 @@ class Device:
     name: str
     clock: Clock
     sync: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the training groups run: in float32, under autocast (float16), or with
+    channels-last activations. CPU runs float32 only; CUDA runs all three."""
+
+    name: str
+    autocast: bool = False
+    channels_last: bool = False
+
+
+FLOAT32 = Variant("fp32")
+VARIANTS = {
+    "cpu": (FLOAT32,),
+    "cuda": (FLOAT32, Variant("amp", autocast=True), Variant("channels_last", channels_last=True)),
+}
 
 
 @dataclass(frozen=True)
@@ -171,7 +228,9 @@ def describe_machine(torch: ModuleType, found: Sequence[Device], settings: Setti
         print("cuda: not available; CPU only")
     print(
         f"timing: interleaved repeats of samples of at least one step, "
-        f"{settings.train.repeats} of ~{settings.train.seconds * 1e3:g} ms (train), "
+        f"{settings.train.repeats} of ~{settings.train.seconds * 1e3:g} ms (train, "
+        f"multiples of {AMORTIZED_STEPS} steps), {settings.network.repeats} of "
+        f"~{settings.network.seconds * 1e3:g} ms (network, likewise), "
         f"{settings.eval.repeats} of ~{settings.eval.seconds * 1e3:g} ms (eval), "
         f"{settings.recalibrate.repeats} of ~{settings.recalibrate.seconds * 1e3:g} ms "
         "(recalibrate); CPU clock: process CPU time; figures are medians, ratios medians of "
@@ -187,11 +246,13 @@ def time_sample(step: Step, loops: int, device: Device) -> float:
     return seconds_per_step(step, loops, device.clock, device.sync)
 
 
-def steps_per_sample(step: Step, seconds: float, device: Device) -> int:
-    """How many steps last about ``seconds`` (at least one), after two warm-up steps."""
+def steps_per_sample(step: Step, sampling: Sampling, device: Device) -> int:
+    """How many steps last about ``sampling.seconds``, a positive multiple of
+    ``sampling.multiple``, after two warm-up steps."""
     step()
     elapsed = time_sample(step, 1, device)
-    return max(1, round(seconds / max(elapsed, 1e-7)))
+    multiples = round(sampling.seconds / max(elapsed, 1e-7) / sampling.multiple)
+    return sampling.multiple * max(1, multiples)
 
 
 def time_candidates(candidates: Sequence[Candidate], sampling: Sampling, device: Device) -> Result:
@@ -199,7 +260,7 @@ def time_candidates(candidates: Sequence[Candidate], sampling: Sampling, device:
     gc.collect()
     gc.freeze()  # the set-up's objects stay; later collections skip them
     try:
-        loops = [steps_per_sample(c.step, sampling.seconds, device) for c in candidates]
+        loops = [steps_per_sample(c.step, sampling, device) for c in candidates]
         samples: list[list[float]] = [[] for _ in candidates]
         order = list(range(len(candidates)))
         for repeat in range(sampling.repeats):
@@ -214,12 +275,18 @@ def time_candidates(candidates: Sequence[Candidate], sampling: Sampling, device:
 # -- one layer: training and evaluation ------------------------------------------------------
 
 
-def make_input(torch: ModuleType, device: str) -> tuple[Any, Any]:
+def make_input(torch: ModuleType, device: str, variant: Variant = FLOAT32) -> tuple[Any, Any]:
     """``x`` (mean 1, std 2, so that normalizing does something) and ``dy``."""
     generator = torch.Generator().manual_seed(SEED)
     x = 1.0 + 2.0 * torch.randn(SHAPE, generator=generator)
     dy = torch.randn(SHAPE, generator=generator)
-    return x.to(device), dy.to(device)
+    layout = torch.channels_last if variant.channels_last else torch.contiguous_format
+    return x.to(device, memory_format=layout), dy.to(device, memory_format=layout)
+
+
+def autocast(torch: ModuleType, device: str, variant: Variant) -> Any:
+    """The variant's autocast context (float16 where it is on; a no-op elsewhere)."""
+    return torch.autocast(device, dtype=torch.float16, enabled=variant.autocast)
 
 
 def make_layer(torch: ModuleType, label: str, device: str) -> Any:
@@ -235,12 +302,15 @@ def make_layer(torch: ModuleType, label: str, device: str) -> Any:
     return layer.to(device).train()
 
 
-def training_step(layer: Any, x: Any, dy: Any) -> Step:
+def training_step(torch: ModuleType, layer: Any, x: Any, dy: Any, variant: Variant) -> Step:
     """``layer(x).backward(dy)``, the gradients of the input and parameters reset first."""
+    device = x.device.type
 
     def step() -> object:
         x.grad = layer.weight.grad = layer.bias.grad = None
-        layer(x).backward(dy)
+        with autocast(torch, device, variant):
+            y = layer(x)
+        y.backward(dy.to(y.dtype))
         return x.grad
 
     return step
@@ -256,12 +326,12 @@ def eval_step(torch: ModuleType, layer: Any, x: Any) -> Step:
     return step
 
 
-def train_candidates(torch: ModuleType, device: str) -> list[Candidate]:
+def train_candidates(torch: ModuleType, device: str, variant: Variant = FLOAT32) -> list[Candidate]:
     """Each strategy and torch's layer, sharing one input (with ``requires_grad``) and ``dy``."""
-    x, dy = make_input(torch, device)
+    x, dy = make_input(torch, device, variant)
     x.requires_grad_(True)
     return [
-        Candidate(label, training_step(make_layer(torch, label, device), x, dy))
+        Candidate(label, training_step(torch, make_layer(torch, label, device), x, dy, variant))
         for label in (*STRATEGIES, TORCH, CONTROL)
     ]
 
@@ -282,6 +352,122 @@ def eval_candidates(torch: ModuleType, device: str) -> list[Candidate]:
             recalibrate(layer, [x + 0.1 * k for k in range(WARMUP_STEPS)])
         candidates.append(Candidate(label, eval_step(torch, layer.eval(), x)))
     return candidates
+
+
+# -- a small dispatch-bound network: training ----------------------------------------------------
+
+
+def make_network(torch: ModuleType, device: str) -> Any:
+    """``NETWORK_BLOCKS`` conv-BN-ReLU blocks of ``NETWORK_WIDTH`` channels, global pooling
+    and a linear head, with torch's BatchNorm2d, in training mode."""
+    nn = torch.nn
+    torch.manual_seed(SEED)
+    layers: list[Any] = []
+    channels = NETWORK_INPUT[1]
+    for _ in range(NETWORK_BLOCKS):
+        layers += [
+            nn.Conv2d(channels, NETWORK_WIDTH, 3, padding=1, bias=False),
+            nn.BatchNorm2d(NETWORK_WIDTH),
+            nn.ReLU(),
+        ]
+        channels = NETWORK_WIDTH
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, NETWORK_CLASSES)]
+    return nn.Sequential(*layers).to(device).train()
+
+
+def sgd_step(torch: ModuleType, model: Any, x: Any, labels: Any, variant: Variant) -> Step:
+    """One SGD step (momentum 0.9) of ``model`` on ``(x, labels)``: zero_grad, forward,
+    cross-entropy, backward, ``optimizer.step()``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    device = x.device.type
+
+    def step() -> object:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(torch, device, variant):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def network_candidates(
+    torch: ModuleType, device: str, variant: Variant = FLOAT32
+) -> list[Candidate]:
+    """torch's network, a copy of it (the control) and a copy converted to each strategy."""
+    from normstats.adapters.torch import convert
+
+    layout = torch.channels_last if variant.channels_last else torch.contiguous_format
+    plain = make_network(torch, device).to(memory_format=layout)
+    generator = torch.Generator().manual_seed(SEED + 3)
+    x = torch.randn(NETWORK_INPUT, generator=generator).to(device, memory_format=layout)
+    labels = torch.randint(0, NETWORK_CLASSES, (NETWORK_INPUT[0],), generator=generator)
+    labels = labels.to(device)
+    models = {TORCH: plain, CONTROL: copy.deepcopy(plain)}
+    for label in STRATEGIES:
+        models[label] = convert(copy.deepcopy(plain), stats=label)
+    return [
+        Candidate(label, sgd_step(torch, model, x, labels, variant))
+        for label, model in models.items()
+    ]
+
+
+# -- operators per training forward ----------------------------------------------------------
+
+
+def top_level_operators(step: Step, device: Device, steps: int = AMORTIZED_STEPS) -> float:
+    """Top-level aten operators per call of ``step`` over ``steps`` consecutive calls.
+
+    An operator is top-level when no aten operator encloses it (``aten::batch_norm`` counts,
+    the ``aten::native_batch_norm`` it calls does not); ``steps`` calls share what a layer
+    does once every so many of them. Counted with ``torch.profiler`` on the CPU side.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(steps):  # the layer's periodic work lands anywhere in the window
+        step()
+    device.sync()
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+        device.sync()
+    count = sum(
+        1
+        for event in profiler.events()
+        if event.name.startswith("aten::") and not _under_aten(event)
+    )
+    return count / steps
+
+
+def _under_aten(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def operator_counts(torch: ModuleType, device: Device) -> dict[str, float]:
+    """Top-level operators per training forward of each layer (input as in the train group)."""
+    x, _ = make_input(torch, device.name)
+    counts = {}
+    for label in (TORCH, *STRATEGIES):
+        layer = make_layer(torch, label, device.name)
+        counts[label] = top_level_operators(lambda layer=layer: layer(x), device)
+    return counts
+
+
+def print_operators(device: str, counts: dict[str, float]) -> None:
+    print()
+    print(
+        f"[{device}] top-level aten operators per training forward, amortized over "
+        f"{AMORTIZED_STEPS} steps (torch.profiler)"
+    )
+    print(f"  {TORCH:<16} {counts[TORCH]:6.2f}")
+    for label in STRATEGIES:
+        print(f"  {label:<16} {counts[label]:6.2f}   (target <= {TARGET_OPERATORS})")
 
 
 # -- a small CNN: recalibration ----------------------------------------------------------------
@@ -447,16 +633,41 @@ def verdict(ratio: float, target: float) -> str:
     return f"{ratio:.3f}x {'MET' if ratio <= target else 'NOT MET'}"
 
 
-def target_parts(
-    device: str, train: Result, evaluation: Result, recal: Result, layers: int
-) -> list[str]:
-    """The targets of one device, each layer target judged on the worst strategy."""
-    worst_train = max(STRATEGIES, key=train.ratio)
+@dataclass(frozen=True)
+class Measured:
+    """What one device measured, group by group (the training groups once per variant)."""
+
+    train: dict[str, Result]
+    network: dict[str, Result]
+    operators: dict[str, float]
+    evaluation: Result
+    recalibrate: Result
+    layers: int
+
+
+def target_parts(device: str, measured: Measured) -> list[str]:
+    """The targets of one device, each judged on the worst strategy."""
+    evaluation, recal = measured.evaluation, measured.recalibrate
+    layers, operators = measured.layers, measured.operators
+    worst_operators = max(STRATEGIES, key=operators.__getitem__)
     worst_eval = max(STRATEGIES, key=evaluation.ratio)
     layerwise = TARGET_LAYERWISE * (layers + 1)
+    most = operators[worst_operators]
+    parts = []
+    for variant, train in measured.train.items():
+        network = measured.network[variant]
+        worst_train = max(STRATEGIES, key=train.ratio)
+        worst_network = max(STRATEGIES, key=network.ratio)
+        parts += [
+            f"[{device} {variant}] train {SHAPE} <= {TARGET_TRAIN:g}x: "
+            f"{verdict(train.ratio(worst_train), TARGET_TRAIN)} (worst: {worst_train})",
+            f"[{device} {variant}] small network <= {TARGET_NETWORK:g}x: "
+            f"{verdict(network.ratio(worst_network), TARGET_NETWORK)} (worst: {worst_network})",
+        ]
     return [
-        f"[{device}] train <= {TARGET_TRAIN:g}x: "
-        f"{verdict(train.ratio(worst_train), TARGET_TRAIN)} (worst: {worst_train})",
+        *parts,
+        f"[{device}] operators <= {TARGET_OPERATORS}: {most:.2f} "
+        f"{'MET' if most <= TARGET_OPERATORS else 'NOT MET'} (worst: {worst_operators})",
         f"[{device}] eval <= {TARGET_EVAL:g}x: "
         f"{verdict(evaluation.ratio(worst_eval), TARGET_EVAL)} (worst: {worst_eval})",
         f"[{device}] one-pass recalibrate <= {TARGET_ONE_PASS:g}x: "
@@ -469,16 +680,39 @@ def target_parts(
 
 
 def run_device(torch: ModuleType, device: Device, settings: Settings) -> list[str]:
-    """Time the three groups on ``device``, print them, and return its target verdicts."""
+    """Measure every group on ``device``, print them, and return its target verdicts."""
     name = device.name
-    train = time_candidates(train_candidates(torch, name), settings.train, device)
-    print_layer_group(name, f"train step (forward + backward), x {SHAPE}", train, TARGET_TRAIN)
+    train, network = {}, {}
+    for variant in VARIANTS[name]:
+        label = f"{name} {variant.name}"
+        train[variant.name] = time_candidates(
+            train_candidates(torch, name, variant), settings.train, device
+        )
+        print_layer_group(
+            label,
+            f"train step (forward + backward), x {SHAPE}",
+            train[variant.name],
+            TARGET_TRAIN,
+        )
+        network[variant.name] = time_candidates(
+            network_candidates(torch, name, variant), settings.network, device
+        )
+        print_layer_group(
+            label,
+            f"small network: SGD step of {NETWORK_BLOCKS} conv-BN-ReLU blocks of "
+            f"{NETWORK_WIDTH} channels, input {NETWORK_INPUT}",
+            network[variant.name],
+            TARGET_NETWORK,
+        )
+    operators = operator_counts(torch, device)
+    print_operators(name, operators)
     evaluation = time_candidates(eval_candidates(torch, name), settings.eval, device)
     print_layer_group(name, "eval forward (no_grad)", evaluation, TARGET_EVAL)
     candidates, layers = recalibrate_candidates(torch, name)
     recal = time_candidates(candidates, settings.recalibrate, device)
     print_recalibrate(name, recal, layers)
-    return target_parts(name, train, evaluation, recal, layers)
+    measured = Measured(train, network, operators, evaluation, recal, layers)
+    return target_parts(name, measured)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -486,6 +720,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer samples")
     parser.add_argument(
         "--profile", action="store_true", help="count the operators of one training step"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("all", "cpu", "cuda"),
+        default="all",
+        help="where to measure (default: the CPU, and CUDA when there is one)",
     )
     return parser.parse_args(argv)
 
@@ -495,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if args.quick else DEFAULT
     torch = import_torch("benchmarks/torch_bn.py")
     limiter = pin_threads(torch)
-    found = devices(torch)
+    found = [d for d in devices(torch) if args.device in ("all", d.name)]
     describe_machine(torch, found, settings)
 
     started = time.perf_counter()

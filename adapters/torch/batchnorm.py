@@ -1,19 +1,29 @@
-"""A drop-in ``nn.Module`` BatchNorm whose population statistics are a pluggable strategy.
+"""A drop-in ``nn.BatchNorm*d`` whose population statistics are a pluggable strategy.
 
-Training runs torch's fused kernel (``F.batch_norm``) once: given scratch running buffers and
-``momentum=1.0`` it leaves exactly the batch mean and unbiased variance in them, so the batch
-moments cost no second pass over the activations (a float16 or bfloat16 module, whose kernel
-would round them to its dtype, reduces the batch once more in float32). They are folded into
-the strategy's state with the strategy's own update rule (:meth:`normstats.RunningStats.step`)
-on the device, in float64, and ``running_mean`` / ``running_var`` are then set to the
-strategy's estimate, so evaluation is torch's kernel on torch's buffers. A batch with NaN or
-Inf is masked out of every statistic on the device, without a host synchronisation, and
-counted in ``num_batches_skipped`` (``nan_policy="skip"``, the default) or raises
-(``nan_policy="raise"``, one host synchronisation per step).
+The layer is a ``torch.nn.modules.batchnorm._BatchNorm``, so torch's tools and the
+ecosystem's find it, and it reads ``momentum`` and ``track_running_stats`` at every forward as
+torch's layer does.
+
+A training step costs what torch's own step costs: torch's fused kernel (``F.batch_norm``),
+given the rows of a slot of a preallocated ring as running buffers and ``momentum=1.0``,
+leaves exactly the batch mean and unbiased variance there (a float16 or bfloat16 module, whose
+kernel would round them to its dtype, reduces the batch once more in float32). The pending
+slots are folded into the strategy's float64 state all at once, with the strategy's own
+vectorized fold (:meth:`normstats.estimators._base.Estimator.fold`), when the ring is full and
+whenever the statistics are read: an evaluation forward, ``running_mean``, ``running_var``,
+``num_batches_tracked`` or ``num_batches_skipped``, ``state_dict``, ``load_state_dict``,
+``.to()`` and the like, copying or pickling, calibration, and :meth:`BatchNorm.fold_pending`.
+``running_mean`` / ``running_var`` are then set to the strategy's estimate, so evaluation is
+torch's kernel on torch's buffers. A batch with NaN or Inf is masked out of every statistic by
+that fold, on the device, without a host synchronisation, and counted in
+``num_batches_skipped`` (``nan_policy="skip"``, the default), or raises at once
+(``nan_policy="raise"``, one host synchronisation per step). Under ``torch.compile`` every step
+folds directly, so that the traced graph does not depend on the ring's position.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +31,10 @@ import array_api_compat
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from normstats import ExactFullPass, RunningStats
+from normstats import CumulativeAverage, ExactFullPass, ExponentialMovingAverage, RunningStats
+from normstats.estimators import StackedMoments
 from normstats.estimators._base import Estimator, State
 from normstats.functional import reduced_axes
 from normstats.moments import ShiftedMoments, reduce_batch
@@ -36,6 +48,7 @@ from .arguments import (
     positive_int,
 )
 from .loading import plan_load, requested_strict
+from .ring import MomentRing
 from .state import BATCH_MOMENTS_DTYPE, STATS_DTYPE, StrategyState, brought_state
 
 torch_namespace = array_api_compat.array_namespace(torch.empty(0))
@@ -43,6 +56,11 @@ torch_namespace = array_api_compat.array_namespace(torch.empty(0))
 
 POOL = ExactFullPass()
 """The update rule that pools a calibration pass (its pure functions only; it holds no state)."""
+
+FOLDED_ON_READ = frozenset(
+    {"running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"}
+)
+"""Buffers whose reading as an attribute folds the pending training batches first."""
 
 
 class NonFiniteCalibrationError(ValueError):
@@ -61,11 +79,23 @@ class NonFiniteCalibrationError(ValueError):
         """The index of the batch in the calibration data (set by ``recalibrate``)."""
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(_BatchNorm):
     r"""BatchNorm for (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W) input.
 
     Normalizes with batch statistics in training, as ``nn.BatchNorm*d`` does, and with the
-    strategy's population statistics (``running_mean``, ``running_var``) in evaluation.
+    strategy's population statistics (``running_mean``, ``running_var``) in evaluation. A
+    ``torch.nn.modules.batchnorm._BatchNorm``, with torch's runtime semantics:
+
+    - ``momentum`` is read at every training forward. It is the weight of the newest batch of
+      an ``"ema"`` layer, and ``None`` makes the step a cumulative average's, ``1 /
+      num_batches_tracked``, as in torch (a debiased EMA refuses another momentum: its bias
+      correction assumes its own). ``"cumulative"`` and ``"welford"`` layers ignore it. An
+      ``"exact"`` layer pools its training input while it is ``None`` (what
+      ``torch.optim.swa_utils.update_bn`` sets, so that it calibrates the layer) and is left
+      to :func:`~normstats.adapters.torch.recalibrate` otherwise.
+    - ``track_running_stats`` is read at every forward: while False, training uses batch
+      statistics and updates nothing, and evaluation still uses the running statistics.
+    - ``reset_running_stats()`` and ``reset_parameters()`` reset the strategy too.
 
     Parameters
     ----------
@@ -117,6 +147,9 @@ class BatchNorm(nn.Module):
 
     _version = 2
 
+    # None without affine (or bias), in torch's layers too, whose inferred type omits it
+    weight: nn.Parameter | None  # type: ignore[assignment]
+    bias: nn.Parameter | None  # type: ignore[assignment]
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None
@@ -138,7 +171,14 @@ class BatchNorm(nn.Module):
         dtype: Any = None,
         **stats_kwargs: Any,
     ) -> None:
-        super().__init__()
+        # torch's _NormBase.__init__ registers its buffers its own way and resets them before
+        # the strategy exists: the layer builds itself, as a Module
+        nn.Module.__init__(self)
+        self._ring = MomentRing()
+        self._ring_rule: Estimator | None = None
+        """The update rule the pending slots fold with (each momentum has its own)."""
+        self._runtime_rule: tuple[float | None, Estimator] | None = None
+        """An EMA layer's rule for the momentum last set at runtime, with that momentum."""
         self._calibration: State | None = None
         self._pending: State | None = None  # the current calibration batch, not yet pooled
         self._pending_finite = True
@@ -162,9 +202,10 @@ class BatchNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.ones(self.num_features, **factory))
-            self.bias = (
-                nn.Parameter(torch.zeros(self.num_features, **factory)) if with_bias else None
-            )
+            if with_bias:
+                self.bias = nn.Parameter(torch.zeros(self.num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -210,12 +251,18 @@ class BatchNorm(nn.Module):
         and ``running_var`` hold in the module's dtype)."""
         if self.strategy is None or self.strategy_state is None:
             raise ValueError("stats: a 'batch' BatchNorm keeps no population statistics")
+        self.fold_pending()
         mean, var = self.strategy.estimate(self.strategy_state.state())
         return mean, var
 
     @property
     def strategy_state(self) -> StrategyState | None:
-        """The strategy's float64 buffers (None for ``"batch"``)."""
+        """The strategy's float64 buffers, every batch trained on folded in (None for
+        ``"batch"``)."""
+        self.fold_pending()
+        return self._strategy_buffers()
+
+    def _strategy_buffers(self) -> StrategyState | None:
         if self.strategy is None:
             return None
         state = getattr(self, self.strategy.name)
@@ -228,26 +275,110 @@ class BatchNorm(nn.Module):
             f"momentum={self.momentum}, affine={self.affine}, bias={self.bias is not None}"
         )
 
+    def __getattr__(self, name: str) -> Any:
+        # torch keeps buffers outside __dict__, so reading one comes here: the statistics
+        # read are those of every batch seen
+        if name in FOLDED_ON_READ:
+            ring = self.__dict__.get("_ring")
+            if ring is not None and ring.pending:
+                self.fold_pending()
+        return super().__getattr__(name)
+
     # -- forward -----------------------------------------------------------------------------
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
         if self.training and self.sync and self._calibration is None:
             group = self.process_group if self.process_group is not None else _world()
             if distributed.active(group):
                 return self._forward_synchronized(x, group)
-        self._check_input(x)
+        self._check_input_dim(x)
         if self._calibration is not None:
             return self._calibrate(x)
-        if not self.training and self.strategy is not None:
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        if not self.training:
+            running_mean, running_var = self._buffers["running_mean"], self._buffers["running_var"]
+            if running_mean is None or running_var is None:  # as torch: batch statistics
+                return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            self.fold_pending()
             self.check_calibrated()
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
-        if self.strategy is None or isinstance(self.strategy, ExactFullPass) or x.shape[0] == 0:
+            return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, self.eps)
+        rule = self._training_rule()
+        if rule is None or x.shape[0] == 0:
             # batch statistics only: nothing is tracked (an empty batch changes nothing)
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        y, batch = self._normalize_with_batch_statistics(x)
-        self.fold_batch(batch)
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if torch.compiler.is_compiling():
+            return self._train_folding_now(x, rule)
+        return self._train_into_ring(x, rule)
+
+    def _training_rule(self) -> Estimator | None:
+        """The update rule this training step's batch folds with, from ``momentum`` and
+        ``track_running_stats`` as they are now; None: the batch is not tracked."""
+        strategy = self.strategy
+        if strategy is None or not self.track_running_stats:
+            return None
+        momentum = self.momentum
+        if isinstance(strategy, ExactFullPass):
+            return strategy if momentum is None else None
+        if not isinstance(strategy, ExponentialMovingAverage) or momentum == strategy.momentum:
+            return strategy
+        if self._runtime_rule is not None and self._runtime_rule[0] == momentum:
+            return self._runtime_rule[1]
+        if strategy.debias:
+            raise ValueError(
+                f"momentum: a debiased EMA corrects its bias for its own momentum "
+                f"{strategy.momentum}, got {momentum!r}; set it back, or build the layer "
+                f"with debias=False to change momentum during training"
+            )
+        # torch's momentum=None: the cumulative average, weight 1 / num_batches_tracked
+        rule: Estimator = (
+            CumulativeAverage() if momentum is None else ExponentialMovingAverage(momentum=momentum)
+        )
+        self._runtime_rule = (momentum, rule)
+        return rule
+
+    def _train_into_ring(self, x: Tensor, rule: Estimator) -> Tensor:
+        """Normalize with batch statistics; the kernel writes the batch's moments into the
+        ring's next slot (momentum=1.0 leaves exactly the batch mean and unbiased variance)."""
+        ring = self._ring
+        if rule is not self._ring_rule:  # (nn.Module's attribute setting costs a few us)
+            self.fold_pending()  # the steps so far fold with the momentum they ran under
+            self._ring_rule = rule
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        # the kernel wants running buffers of the module's dtype (float32 under autocast)
+        scratch = self._moments_dtype(x)
+        if torch.finfo(scratch).bits < torch.finfo(BATCH_MOMENTS_DTYPE).bits:
+            y = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            mean, var = ring.next_slot(self.num_features, BATCH_MOMENTS_DTYPE, x.device)
+            _write_batch_moments(x, mean, var)
+        else:
+            mean, var = ring.next_slot(self.num_features, scratch, x.device)
+            y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps)
+        # NaN or Inf anywhere in the batch makes a variance, and so their float64 sum, not finite
+        if self.nan_policy == "raise" and not math.isfinite(var.sum(dtype=STATS_DTYPE)):
+            ring.discard_next()
+            raise ValueError("x: expected finite values, got a training batch with NaN or Inf")
+        ring.push(x.numel() // self.num_features)
+        if ring.full:
+            self.fold_pending()
+        return y
+
+    def _train_folding_now(self, x: Tensor, rule: Estimator) -> Tensor:
+        """Normalize with batch statistics and fold the batch at once (under torch.compile,
+        whose graph must not depend on the ring's position)."""
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        scratch = self._moments_dtype(x)
+        if torch.finfo(scratch).bits < torch.finfo(BATCH_MOMENTS_DTYPE).bits:
+            scratch = BATCH_MOMENTS_DTYPE
+            y = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            moments = torch.zeros(2, self.num_features, dtype=scratch, device=x.device)
+            _write_batch_moments(x, moments[0], moments[1])
+        else:
+            moments = torch.zeros(2, self.num_features, dtype=scratch, device=x.device)
+            y = F.batch_norm(x, moments[0], moments[1], weight, bias, True, 1.0, self.eps)
+        count = x.numel() // self.num_features
+        mean, var = moments.to(STATS_DTYPE)
+        self._fold_now(rule, count, mean, var * (count - 1))
         return y
 
     def _forward_synchronized(self, x: Tensor, group: Any) -> Tensor:
@@ -255,74 +386,78 @@ class BatchNorm(nn.Module):
         y, total, mean, m2 = distributed.synchronized_batch_norm(
             x, self.weight, self.bias, self.eps, self.num_features, group
         )
-        self._check_input(x)
-        if self.strategy is not None and not isinstance(self.strategy, ExactFullPass):
-            moments = (mean.detach().to(STATS_DTYPE), m2.detach().to(STATS_DTYPE))
-            self.fold_batch(ShiftedMoments(total, None, *moments, finite=True))
+        self._check_input_dim(x)
+        rule = self._training_rule()
+        if rule is not None:
+            self._fold_now(rule, total, mean.detach().to(STATS_DTYPE), m2.detach().to(STATS_DTYPE))
         return y
 
-    def _normalize_with_batch_statistics(self, x: Tensor) -> tuple[Tensor, ShiftedMoments]:
-        """Training-mode output and the batch's float64 moments.
+    def _moments_dtype(self, x: Tensor) -> torch.dtype:
+        running_mean = self._buffers["running_mean"]
+        return running_mean.dtype if running_mean is not None else x.dtype
 
-        At float32 or wider, one fused kernel call gives both. A float16 or bfloat16 module's
-        kernel would round the moments to its dtype (a mean of 100 to within 0.5, a variance
-        above 65504 to Inf), so the moments come from a float32 reduction of the batch
-        instead; the output is the same kernel's either way.
-        """
-        count = x.numel() // self.num_features
-        if count <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{list(x.shape)}"
-            )
-        # the kernel wants running buffers of the module's dtype (float32 under autocast)
-        scratch = self.running_mean.dtype if self.running_mean is not None else x.dtype
-        if torch.finfo(scratch).bits < torch.finfo(BATCH_MOMENTS_DTYPE).bits:
-            y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-            axes = reduced_axes(x.dim(), 1)
-            var, mean = torch.var_mean(x.detach().to(BATCH_MOMENTS_DTYPE), axes, correction=0)
-            m2 = var.to(STATS_DTYPE) * count
-            return y, ShiftedMoments(count, None, mean.to(STATS_DTYPE), m2, finite=True)
-        moments = torch.zeros(2, self.num_features, dtype=scratch, device=x.device)
-        # momentum=1.0: the kernel writes the batch mean and unbiased variance into them
-        y = F.batch_norm(x, moments[0], moments[1], self.weight, self.bias, True, 1.0, self.eps)
-        mean, var = moments.to(STATS_DTYPE)
-        return y, ShiftedMoments(count, None, mean, var * (count - 1), finite=True)
+    # -- folding -----------------------------------------------------------------------------
+
+    def fold_pending(self) -> None:
+        """Fold the training batches the ring holds into the strategy and the running
+        buffers now (every read of the statistics does; ``module.buffers()`` does not)."""
+        ring = self._ring
+        if not ring.pending:  # (checked before entering no_grad, which costs a few us)
+            return
+        assert self._ring_rule is not None  # set with the first pending slot
+        with torch.no_grad():
+            self._commit(self._ring_rule, ring.stacked(STATS_DTYPE))
+        ring.clear()
 
     @torch.no_grad()
-    def fold_batch(self, batch: ShiftedMoments) -> None:
-        """Fold a batch's float64 moments into the strategy and the running buffers, masked
-        on the device when not finite."""
-        strategy, state = self.strategy, self.strategy_state
-        running_mean, running_var = self.running_mean, self.running_var
-        tracked, skipped = self.num_batches_tracked, self.num_batches_skipped
-        if strategy is None or state is None:
-            raise ValueError("stats: a 'batch' BatchNorm keeps no statistics to fold into")
-        # registered together with the strategy in __init__
-        assert running_mean is not None
-        assert running_var is not None
-        assert tracked is not None
-        assert skipped is not None
-        # NaN or Inf anywhere in the batch makes its variance NaN or Inf: one check covers both
-        finite = torch.isfinite(batch.m2).all()
+    def _fold_now(self, rule: Estimator, count: int, mean: Tensor, m2: Tensor) -> None:
+        """Fold one batch's float64 moments at once with the rule's step, masked when not
+        finite (synchronized training and torch.compile: one batch needs no ring, and a
+        step traces as plain tensor arithmetic)."""
+        self.fold_pending()
+        finite = torch.isfinite(m2).all()
         if self.nan_policy == "raise" and not bool(finite):
             raise ValueError("x: expected finite values, got a training batch with NaN or Inf")
-        new = strategy.step(state.state(), batch)
+        state = self._state()
+        new = rule.step(state.state(), ShiftedMoments(count, None, mean, m2, finite=True))
         state.assign(new, finite)
         self._set_running(new, finite)
-        tracked.add_(finite)
-        skipped.add_(~finite)
+        self._count(finite, ~finite, new)
+
+    def _commit(self, rule: Estimator, slots: StackedMoments) -> None:
+        """Fold ``slots`` with ``rule`` into the strategy, the running buffers and the
+        counters (masked slots count as skipped)."""
+        state = self._state()
+        new = rule.fold(state.state(), slots)
+        state.assign(new)
+        self._set_running(new)
+        folded = slots.finite.sum()
+        self._count(folded, len(slots.counts) - folded, new)
+
+    def _state(self) -> StrategyState:
+        state = self._strategy_buffers()
+        if state is None:
+            raise ValueError("stats: a 'batch' BatchNorm keeps no statistics to fold into")
+        return state
+
+    def _count(self, folded: Tensor, skipped: Tensor, state: State) -> None:
+        """Add to the batch counters; an exact layer (fed by training only under
+        ``momentum=None``) is calibrated once it holds samples."""
+        for name, number in (("num_batches_tracked", folded), ("num_batches_skipped", skipped)):
+            counter = self._buffers[name]
+            if counter is not None:
+                counter.add_(number)
+        if isinstance(self.strategy, ExactFullPass):
+            self._calibrated = bool(state["count"] > 0)
 
     def _set_running(self, state: State, keep: Tensor | None = None) -> None:
-        """``running_mean``/``running_var`` := the strategy's estimate of ``state``."""
+        """``running_mean``/``running_var`` := the strategy's estimate of ``state`` (left as
+        they are where ``keep`` is False)."""
         assert self.strategy is not None
-        assert self.running_mean is not None
-        assert self.running_var is not None
-        for buffer, value in zip(
-            (self.running_mean, self.running_var), self.strategy.estimate(state), strict=True
-        ):
-            value = value.to(buffer.dtype)
-            buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
+        buffers = (self._buffers["running_mean"], self._buffers["running_var"])
+        for buffer, value in zip(buffers, self.strategy.estimate(state), strict=True):
+            if buffer is not None:
+                buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
 
     # -- calibration (the exact full pass of recalibrate) -------------------------------
 
@@ -335,6 +470,7 @@ class BatchNorm(nn.Module):
         it (``nan_policy="skip"``), and a layer with ``nan_policy="raise"`` raises
         :class:`NonFiniteCalibrationError` at once.
         """
+        self.fold_pending()
         template = torch.zeros(self.num_features, dtype=STATS_DTYPE, device=self._device())
         self._calibration = POOL.initial_state(template)
         self._pending, self._pending_finite = None, True
@@ -404,10 +540,13 @@ class BatchNorm(nn.Module):
             return tensor.device
         return torch.device("cpu")
 
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input_dim(self, x: Tensor) -> None:
         if not 2 <= x.dim() <= 5:
             raise ValueError(f"x: expected 2D to 5D input (N, C, ...), got {x.dim()}D input")
-        self.input_rank = x.dim()
+        # set when it changes (nn.Module's attribute setting costs a few us), except while
+        # torch.compile traces, where reading it would guard the graph on its first value
+        if torch.compiler.is_compiling() or self.input_rank != x.dim():
+            self.input_rank = x.dim()
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"x: expected {self.num_features} channels (dimension 1), got {x.shape[1]} in "
@@ -427,8 +566,10 @@ class BatchNorm(nn.Module):
     # -- resetting ---------------------------------------------------------------------------
 
     def reset_running_stats(self) -> None:
-        """Forget every batch: the strategy's initial state, ``running_mean`` 0,
-        ``running_var`` 1 and the counters 0 (as torch's ``reset_running_stats``)."""
+        """Forget every batch, the pending ones too: the strategy's initial state,
+        ``running_mean`` 0, ``running_var`` 1 and the counters 0 (as torch's
+        ``reset_running_stats``)."""
+        self._ring.clear()
         state = self.strategy_state
         if self.strategy is None or state is None:
             return
@@ -453,7 +594,24 @@ class BatchNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    # -- state dicts -------------------------------------------------------------------------
+    # -- state dicts, copies and moves: every batch seen is in what they see -----------------
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self.fold_pending()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> BatchNorm:
+        self.fold_pending()
+        self._ring.release()  # the next step allocates it where the input is, in its dtype
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy``: the statistics of every batch, no pending slot."""
+        self.fold_pending()
+        state = self.__dict__.copy()
+        state["_ring"] = MomentRing()
+        return state
 
     def _load_from_state_dict(
         self,
@@ -468,6 +626,7 @@ class BatchNorm(nn.Module):
         """Check this layer's part of ``state_dict`` (keys, shapes, values, strategy) and copy
         it only if nothing is wrong; a dict of torch's layer makes the strategy resume from
         its running statistics. ``state_dict`` is not written to."""
+        self.fold_pending()  # a refused load leaves the statistics of every batch seen
         strict = strict and requested_strict()
         part = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         plan = plan_load(self, part, prefix, strict)
@@ -492,6 +651,17 @@ class BatchNorm(nn.Module):
 
 def _world() -> Any:
     return torch.distributed.group.WORLD if torch.distributed.is_available() else None
+
+
+def _write_batch_moments(x: Tensor, mean: Tensor, var: Tensor) -> None:
+    """The batch mean and unbiased variance of ``x`` per channel, reduced in float32, into
+    ``mean`` and ``var`` (for modules whose own dtype would round them)."""
+    with torch.no_grad():
+        batch_var, batch_mean = torch.var_mean(
+            x.detach().to(BATCH_MOMENTS_DTYPE), reduced_axes(x.dim(), 1), correction=1
+        )
+        mean.copy_(batch_mean)
+        var.copy_(batch_var)
 
 
 __all__ = ["BatchNorm", "NonFiniteCalibrationError"]

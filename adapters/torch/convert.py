@@ -18,6 +18,9 @@ from .batchnorm import BatchNorm
 TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 """The classes ``convert`` replaces."""
 
+DEFAULT_MOMENTUM = 0.1
+"""torch's default, which an ``"exact"`` layer converted from ``momentum=None`` gets."""
+
 CLASS_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 """What a layer built directly reverts to, by the rank of the input it has seen."""
 
@@ -29,9 +32,11 @@ def convert(model: nn.Module, stats: str = "welford", **kwargs: Any) -> nn.Modul
     strategy resumes from them; not into ``"exact"``, which starts uncalibrated), ``eps``,
     ``momentum``, the training flag, device and dtype. A layer built with
     ``track_running_stats=False`` becomes a ``stats="batch"`` layer whatever ``stats`` says,
-    and ``momentum=None`` (PyTorch's cumulative average) becomes ``"cumulative"`` when
-    ``stats="ema"``. Keyword arguments override what is carried (``eps=``, ``momentum=``,
-    ``nan_policy=``, strategy arguments). Returns the converted model (a new root when the
+    ``momentum=None`` (PyTorch's cumulative average) becomes ``"cumulative"`` when
+    ``stats="ema"``, and an ``"exact"`` layer gets momentum 0.1 in its place (under ``None``
+    an exact layer pools its training input, as ``swa_utils.update_bn`` asks). Keyword
+    arguments override what is carried (``eps=``, ``momentum=``, ``nan_policy=``, strategy
+    arguments). Returns the converted model (a new root when the
     root itself was a BatchNorm).
 
     >>> from torch import nn
@@ -95,6 +100,10 @@ def _converted(layer: nn.Module, stats: str, kwargs: dict[str, Any]) -> BatchNor
         settings["stats"] = "batch"
     elif settings["stats"] == "ema" and settings["momentum"] is None:
         settings["stats"] = "cumulative"
+    elif settings["stats"] == "exact" and "momentum" not in kwargs and layer.momentum is None:
+        # momentum=None makes an exact layer pool its training input (update_bn's signal);
+        # a converted layer waits for recalibrate, whatever torch's layer averaged
+        settings["momentum"] = DEFAULT_MOMENTUM
     new = BatchNorm(layer.num_features, **settings)
     state = layer.state_dict()
     exact = new.stats_name == "exact"

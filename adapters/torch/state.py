@@ -47,7 +47,11 @@ class StrategyState(nn.Module):
         for key, buffer in self._buffers.items():
             assert buffer is not None  # registered as tensors above
             value = new[key]
-            buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
+            # under torch.compile a 0-d float64 buffer is written through a view: the compiled
+            # graph drops in-place writes to it (it is traced like a Python float)
+            compiling = buffer.dim() == 0 and torch.compiler.is_compiling()
+            target = buffer.view(1) if compiling else buffer
+            target.copy_(value if keep is None else torch.where(keep, value, buffer))
 
     def claim_next_load(self) -> None:
         """The owning layer has loaded (or refused) this state's part of the state dict:

@@ -2,6 +2,7 @@
 
 from ._cumulative import CumulativeAverage
 from ._ema import EMA, ExponentialMovingAverage
+from ._fold import StackedMoments
 from ._pooled import ExactFullPass, Welford
 from ._protocol import RunningStats
 from ._registry import STRATEGIES, make_stats, resolve_stats
@@ -13,6 +14,7 @@ __all__ = [
     "ExactFullPass",
     "ExponentialMovingAverage",
     "RunningStats",
+    "StackedMoments",
     "Welford",
     "make_stats",
     "resolve_stats",

@@ -28,6 +28,7 @@ from .._arrays import (
 from .._typing import Array, Axis, Namespace
 from .._validation import as_count, as_flag, as_real, check_nan_policy
 from ..moments import Moments, ShiftedMoments, non_finite_batch_error, reduce_batch
+from ._fold import StackedMoments, fold_by_steps
 from ._protocol import RunningStats, StateValue
 
 E = TypeVar("E", bound="Estimator")
@@ -91,6 +92,15 @@ class Estimator:
     def estimate(self, state: State) -> tuple[Array, Array]:
         """``(mean, unbiased var)`` of a state that has seen a batch."""
         raise NotImplementedError
+
+    def fold(self, state: State, slots: StackedMoments) -> State:
+        """The state after folding in ``K`` stacked batches, skipping the masked ones.
+
+        Equal to :meth:`step` over the unmasked slots in order, up to float64 rounding
+        (this default is that loop; the built-in strategies use closed forms whose number
+        of operations does not grow with ``K``). Counters come back as 0-d arrays.
+        """
+        return fold_by_steps(self, state, slots)
 
     def resumed_state(self, template: Array, mean: Array, var: Array, num_batches: Any) -> State:
         """The state that continues from a framework layer's running statistics.

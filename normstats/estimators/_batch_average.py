@@ -9,6 +9,7 @@ import attrs
 from .._typing import Array
 from ..moments import ShiftedMoments, blend
 from ._base import Estimator, State
+from ._fold import StackedMoments, fold_batch_averages
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
@@ -29,7 +30,11 @@ class BatchAverage(Estimator):
     overflow_keys: ClassVar[tuple[str, ...]] = ("mean",)
 
     def batch_weight(self, state: State) -> Any:
-        """The weight of the next batch given the state before it."""
+        """The weight of the next batch given the state before it.
+
+        It may depend on the state through ``num_batches`` only, elementwise: :meth:`fold`
+        asks for the weights of many batches at once, with ``num_batches`` an array.
+        """
         raise NotImplementedError
 
     def step(self, state: State, batch: ShiftedMoments) -> State:
@@ -43,3 +48,6 @@ class BatchAverage(Estimator):
 
     def estimate(self, state: State) -> tuple[Array, Array]:
         return state["mean"], state["var"]
+
+    def fold(self, state: State, slots: StackedMoments) -> State:
+        return fold_batch_averages(self, state, slots)

@@ -15,6 +15,7 @@ import attrs
 from .._typing import Array
 from ..moments import Moments, ShiftedMoments, chan_merge, two_sum
 from ._base import Estimator, State
+from ._fold import StackedMoments, fold_pooled
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
@@ -94,6 +95,9 @@ class PooledEstimator(Estimator):
 
     def estimate(self, state: State) -> tuple[Array, Array]:
         return state["mean_origin"] + state["mean_offset"], state["m2"] / (state["count"] - 1)
+
+    def fold(self, state: State, slots: StackedMoments) -> State:
+        return fold_pooled(state, slots)
 
     def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
         delta = (theirs["mean_origin"] - mine["mean_origin"]) + (
