@@ -1,4 +1,4 @@
-"""The stateful BatchNorm layer (DESIGN 4) against functional, NumPy and torch.nn.BatchNorm2d.
+"""The stateful BatchNorm layer against functional, NumPy and torch.nn.BatchNorm2d.
 
 Every strategy: training output is ``functional.train_forward``'s and the strategy is fed
 the batch moments (EMA equals torch's ``momentum=0.1`` running statistics, cumulative its

@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and docs/*.md runs (DESIGN 2: docs are executed).
+"""Every ```python block of README.md and docs/*.md runs (the docs are executed).
 
 All blocks of one file run in order in one namespace, so later blocks may use names from
 earlier ones; one test case per file. Blocks fenced as anything else (```bash, ```text,

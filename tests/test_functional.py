@@ -1,4 +1,4 @@
-"""The pure BatchNorm functions against independent references (DESIGN 4).
+"""The pure BatchNorm functions against independent references.
 
 ``train_forward`` / ``backward`` against ``torch.nn.functional.batch_norm(training=True)``
 and autograd in float64, and against central finite differences; the batch moments against

@@ -275,7 +275,7 @@ def test_constructor_refuses_mismatched_shapes():
 
 
 def test_constructor_refuses_negative_count():
-    # DESIGN 3.3: a wrong value (a negative int) is a ValueError, a wrong type a TypeError.
+    # A wrong value (a negative int) is a ValueError, a wrong type a TypeError.
     with pytest.raises(ValueError, match="count"):
         ns.Moments(count=-1, mean=np.zeros(2), m2=np.zeros(2))
 

@@ -46,7 +46,7 @@ def test_all_is_sorted_and_resolves():
 
 
 def test_all_exports_the_contract():
-    # DESIGN 3.1 and 3.2: the value type, the four strategies, the alias, protocol and factory.
+    # The value type, the four strategies, the alias, protocol and factory.
     assert {
         "Moments",
         "ExactFullPass",

@@ -1,4 +1,4 @@
-"""Bad input: a clear error that names the parameter, and nothing lost (DESIGN 3.3)."""
+"""Bad input: a clear error that names the parameter, and nothing lost."""
 
 from __future__ import annotations
 

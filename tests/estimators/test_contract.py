@@ -1,4 +1,4 @@
-"""Generic checks that every exported strategy passes (DESIGN 3.2).
+"""Generic checks that every exported strategy passes.
 
 Merge equals union, split invariance, state_dict round trips, validated loading, repr and
 pickle, reset, ``update_moments``, bookkeeping, the protocol, ``make_stats`` and torch input.

@@ -1,4 +1,4 @@
-"""Every strategy against an independent reference (DESIGN 3.2, "Semantics that tests pin").
+"""Every strategy against an independent reference.
 
 Welford and ExactFullPass against NumPy over the concatenated stream; EMA and
 CumulativeAverage against ``torch.nn.BatchNorm2d`` in training mode; every strategy against

@@ -1,4 +1,4 @@
-"""The NumPy layer kit (DESIGN 5) against torch autograd in float64 and finite differences.
+"""The NumPy layer kit against torch autograd in float64 and finite differences.
 
 Tolerances are relative to the largest magnitude of the reference array.
 """

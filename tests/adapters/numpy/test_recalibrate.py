@@ -1,4 +1,4 @@
-"""``recalibrate``: the exact full pass for NumPy models (DESIGN 5).
+"""``recalibrate``: the exact full pass for NumPy models.
 
 The references are computed here, independently of the library: each layer's input is
 collected by a NumPy forward written out in the test (Linear ``h @ W + b``, ReLU

@@ -1,4 +1,4 @@
-"""Loss, optimizer and training loops of the NumPy adapter (DESIGN 5).
+"""Loss, optimizer and training loops of the NumPy adapter.
 
 ``softmax_cross_entropy`` and ``SGD`` against torch in float64; an MLP with BatchNorm trained
 with ``fit`` on scikit-learn's digits reaches >= 95% test accuracy under the EMA, Welford and

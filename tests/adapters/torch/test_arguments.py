@@ -1,4 +1,4 @@
-"""The torch ``BatchNorm``'s constructor arguments (DESIGN 3.3, 5): checked, and an
+"""The torch ``BatchNorm``'s constructor arguments: checked, and an
 estimator instance's settings followed.
 
 References: PyTorch's own layer for what a setting does, plain torch arithmetic for the

@@ -1,4 +1,4 @@
-"""The torch ``BatchNorm`` module (DESIGN 5) against ``nn.BatchNorm1d/2d/3d``.
+"""The torch ``BatchNorm`` module against ``nn.BatchNorm1d/2d/3d``.
 
 References are torch's own layers driven with the same weights, inputs and upstream
 gradients (autograd on both sides), and NumPy over the concatenated training inputs for the

@@ -1,4 +1,4 @@
-"""``convert`` / ``revert`` (DESIGN 5): every torch BatchNorm of a model swapped and back.
+"""``convert`` / ``revert``: every torch BatchNorm of a model swapped and back.
 
 The reference is the torch model itself, trained a few steps and evaluated before the
 conversion: its eval outputs must survive ``convert`` and ``revert`` unchanged, and every

@@ -1,4 +1,4 @@
-"""The distributed part of the PyTorch adapter (DESIGN 5): real processes, gloo on 127.0.0.1.
+"""The distributed part of the PyTorch adapter: real processes, gloo on 127.0.0.1.
 
 Every check runs in ranks spawned here (``torch.multiprocessing``, "spawn"), each joining a
 gloo process group on a free local port; the workers live in ``_distributed_workers`` and

@@ -1,4 +1,4 @@
-"""Loading the torch ``BatchNorm``'s state dicts (DESIGN 3.3, 5): values are checked, and a
+"""Loading the torch ``BatchNorm``'s state dicts: values are checked, and a
 load that fails changes nothing.
 
 Every failing load is compared with the layer's state dict taken before it (every key,

@@ -1,4 +1,4 @@
-"""``recalibrate`` (DESIGN 5): the exact full pass for PyTorch models.
+"""``recalibrate``: the exact full pass for PyTorch models.
 
 The references are built here from the torch model as it was before ``convert`` (a deep
 copy, never touched by normstats): each BatchNorm's input is collected with forward
