@@ -357,21 +357,24 @@ def eval_candidates(torch: ModuleType, device: str) -> list[Candidate]:
 # -- a small dispatch-bound network: training ----------------------------------------------------
 
 
+def conv_blocks(torch: ModuleType, channels: int, width: int, blocks: int) -> list[Any]:
+    """``blocks`` conv-BN-ReLU blocks of ``width`` channels (torch's BatchNorm2d), seeded."""
+    nn = torch.nn
+    torch.manual_seed(SEED)
+    layers: list[Any] = []
+    for _ in range(blocks):
+        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)]
+        layers.append(nn.ReLU())
+        channels = width
+    return layers
+
+
 def make_network(torch: ModuleType, device: str) -> Any:
     """``NETWORK_BLOCKS`` conv-BN-ReLU blocks of ``NETWORK_WIDTH`` channels, global pooling
     and a linear head, with torch's BatchNorm2d, in training mode."""
     nn = torch.nn
-    torch.manual_seed(SEED)
-    layers: list[Any] = []
-    channels = NETWORK_INPUT[1]
-    for _ in range(NETWORK_BLOCKS):
-        layers += [
-            nn.Conv2d(channels, NETWORK_WIDTH, 3, padding=1, bias=False),
-            nn.BatchNorm2d(NETWORK_WIDTH),
-            nn.ReLU(),
-        ]
-        channels = NETWORK_WIDTH
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, NETWORK_CLASSES)]
+    layers = conv_blocks(torch, NETWORK_INPUT[1], NETWORK_WIDTH, NETWORK_BLOCKS)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(NETWORK_WIDTH, NETWORK_CLASSES)]
     return nn.Sequential(*layers).to(device).train()
 
 
@@ -475,18 +478,8 @@ def print_operators(device: str, counts: dict[str, float]) -> None:
 
 def make_cnn(torch: ModuleType, device: str) -> Any:
     """``BLOCKS`` conv-BN-ReLU blocks of ``WIDTH`` channels (torch's BatchNorm2d), in eval mode."""
-    nn = torch.nn
-    torch.manual_seed(SEED)
-    layers: list[Any] = []
-    channels = CNN_INPUT[1]
-    for _ in range(BLOCKS):
-        layers += [
-            nn.Conv2d(channels, WIDTH, 3, padding=1, bias=False),
-            nn.BatchNorm2d(WIDTH),
-            nn.ReLU(),
-        ]
-        channels = WIDTH
-    return nn.Sequential(*layers).to(device).eval()
+    layers = conv_blocks(torch, CNN_INPUT[1], WIDTH, BLOCKS)
+    return torch.nn.Sequential(*layers).to(device).eval()
 
 
 def calibration_data(torch: ModuleType, device: str) -> list[Any]:
