@@ -341,8 +341,11 @@ class BatchNorm(_BatchNorm):
         """Normalize with batch statistics; the kernel writes the batch's moments into the
         ring's next slot (momentum=1.0 leaves exactly the batch mean and unbiased variance)."""
         ring = self._ring
-        if rule is not self._ring_rule:  # (nn.Module's attribute setting costs a few us)
-            self.fold_pending()  # the steps so far fold with the momentum they ran under
+        # (nn.Module's attribute setting costs a few us: only when something changes)
+        if rule is not self._ring_rule or ring.totals:
+            # the steps so far fold with the momentum they ran under, and synchronized
+            # steps' slots hold other moments
+            self.fold_pending()
             self._ring_rule = rule
         weight, bias = self._parameters["weight"], self._parameters["bias"]
         # the kernel wants running buffers of the module's dtype (float32 under autocast)
@@ -388,9 +391,35 @@ class BatchNorm(_BatchNorm):
         )
         self._check_input_dim(x)
         rule = self._training_rule()
-        if rule is not None:
-            self._fold_now(rule, total, mean.detach().to(STATS_DTYPE), m2.detach().to(STATS_DTYPE))
+        if rule is None:
+            return y
+        mean, m2 = mean.detach(), m2.detach()
+        if torch.compiler.is_compiling():
+            self._fold_now(rule, total, mean.to(STATS_DTYPE), m2.to(STATS_DTYPE))
+        else:
+            self._synchronized_into_ring(rule, total.detach(), mean, m2)
         return y
+
+    def _synchronized_into_ring(
+        self, rule: Estimator, total: Tensor, mean: Tensor, m2: Tensor
+    ) -> None:
+        """Write a synchronized step's global moments into the ring's next slot: a float64
+        ring, as the merge is float64, holding the sum of squared deviations and the total
+        count as they come (a 0-d tensor on the device, not read on the host)."""
+        ring = self._ring
+        if rule is not self._ring_rule or ring.counts:
+            # the steps so far fold with the momentum they ran under, and the kernel's slots
+            # hold other moments (in the module's dtype)
+            self.fold_pending()
+            self._ring_rule = rule
+        if self.nan_policy == "raise" and not bool(torch.isfinite(m2).all()):
+            raise ValueError("x: expected finite values, got a training batch with NaN or Inf")
+        mean_row, m2_row = ring.next_slot(self.num_features, STATS_DTYPE, mean.device)
+        mean_row.copy_(mean)
+        m2_row.copy_(m2)
+        ring.push_total(total)
+        if ring.full:
+            self.fold_pending()
 
     def _moments_dtype(self, x: Tensor) -> torch.dtype:
         running_mean = self._buffers["running_mean"]
@@ -412,8 +441,8 @@ class BatchNorm(_BatchNorm):
     @torch.no_grad()
     def _fold_now(self, rule: Estimator, count: int, mean: Tensor, m2: Tensor) -> None:
         """Fold one batch's float64 moments at once with the rule's step, masked when not
-        finite (synchronized training and torch.compile: one batch needs no ring, and a
-        step traces as plain tensor arithmetic)."""
+        finite (under torch.compile: one batch needs no ring, and a step traces as plain
+        tensor arithmetic)."""
         self.fold_pending()
         finite = torch.isfinite(m2).all()
         if self.nan_policy == "raise" and not bool(finite):

@@ -8,6 +8,10 @@ over the slots) when the ring is full and whenever the statistics are read, so
 the strategy's update costs a few dozen operations every :data:`SLOTS` steps instead of
 every step. A slot whose variance is not finite (NaN or Inf anywhere in its batch) is
 masked out by that fold, on the device, without a host synchronisation.
+
+A synchronized step (whose moments are merged across processes in float64) writes its global
+mean and sum of squared deviations into a float64 ring instead, and keeps its total count, a
+tensor on the device, so that it reads nothing on the host either.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ SLOTS = 64
 class MomentRing:
     """Preallocated rows of batch means (the first :data:`SLOTS`) and unbiased variances
     (the next :data:`SLOTS`), ``(2 * SLOTS, C)``, and the sample counts of the pending slots
-    (host ints: they are shapes).
+    (host ints: they are shapes). The pending slots of synchronized steps hold sums of
+    squared deviations in place of variances, and their counts are 0-d tensors on the
+    device; a ring holds one kind of slot at a time.
 
     The buffer is allocated at the first step, on the input's device and in the dtype the
     kernel wants for running buffers, and again when either changes (the ring is empty
@@ -41,16 +47,19 @@ class MomentRing:
         self._means: list[Tensor] = []
         self._variances: list[Tensor] = []
         self.counts: list[int] = []
-        """Samples per channel of each pending slot, oldest first."""
+        """Samples per channel of each pending slot written by the kernel, oldest first."""
+        self.totals: list[Tensor] = []
+        """Samples per channel of each pending slot written by a synchronized step, oldest
+        first: 0-d tensors on the device, never read on the host."""
 
     @property
     def pending(self) -> int:
         """Slots written and not folded yet."""
-        return len(self.counts)
+        return len(self.counts) + len(self.totals)
 
     @property
     def full(self) -> bool:
-        return len(self.counts) == SLOTS
+        return self.pending == SLOTS
 
     def next_slot(
         self, num_features: int, dtype: torch.dtype, device: torch.device
@@ -67,10 +76,10 @@ class MomentRing:
             or buffer.device != device
             or buffer.shape[1] != num_features
         ):
-            if self.counts:
+            if self.pending:
                 raise RuntimeError("the ring must be folded before it is reallocated")
             self._allocate(num_features, dtype, device)
-        k = len(self.counts)
+        k = self.pending
         return self._means[k], self._variances[k]
 
     def _allocate(self, num_features: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -80,40 +89,51 @@ class MomentRing:
         self._means, self._variances = list(rows[:SLOTS]), list(rows[SLOTS:])
 
     def push(self, count: int) -> None:
-        """Record that the next slot now holds the moments of a batch of ``count`` samples."""
+        """Record that the next slot now holds the mean and unbiased variance of a batch of
+        ``count`` samples."""
+        assert not self.totals, "a ring holds one kind of slot at a time: fold it first"
         self.counts.append(count)
+
+    def push_total(self, total: Tensor) -> None:
+        """Record that the next slot now holds the mean and sum of squared deviations of a
+        synchronized batch of ``total`` samples (a 0-d tensor on the ring's device)."""
+        assert not self.counts, "a ring holds one kind of slot at a time: fold it first"
+        self.totals.append(total)
 
     def discard_next(self) -> None:
         """Zero the next slot again after a step that wrote it and was refused (its graph
         is gone with the exception)."""
         if self._buffer is not None:
-            k = len(self.counts)
+            k = self.pending
             self._means[k].zero_()
             self._variances[k].zero_()
 
     def stacked(self, dtype: torch.dtype) -> StackedMoments:
         """The pending slots as :class:`~normstats.estimators.StackedMoments` in ``dtype``:
-        sums of squared deviations ``(n - 1) * var``, and ``finite`` from the variances
-        (NaN or Inf anywhere in a batch makes its variance NaN or Inf)."""
+        sums of squared deviations (``(n - 1) * var`` of a kernel's slot), and ``finite``
+        from the second rows (NaN or Inf anywhere in a batch makes its variance and its sum
+        of squared deviations NaN or Inf)."""
         assert self._buffer is not None
-        size = len(self.counts)
+        size = self.pending
         moments = self._buffer.to(dtype)
-        means, variances = moments[:size], moments[SLOTS : SLOTS + size]
-        finite = torch.isfinite(variances).all(dim=1)
+        means, seconds = moments[:size], moments[SLOTS : SLOTS + size]
+        finite = torch.isfinite(seconds).all(dim=1)
+        if self.totals:
+            return StackedMoments(torch.stack(self.totals).to(dtype), means, seconds, finite)
         counts = _on_device(self.counts, dtype, moments.device)
-        return StackedMoments(counts, means, variances * (counts - 1.0)[:, None], finite)
+        return StackedMoments(counts, means, seconds * (counts - 1.0)[:, None], finite)
 
     def clear(self) -> None:
         """Forget the pending slots (after a fold, a reset or a load): a fresh buffer takes
         the place of one that holds any."""
-        if self.counts:
+        if self.pending:
             assert self._buffer is not None
             self._allocate(self._buffer.shape[1], self._buffer.dtype, self._buffer.device)
-        self.counts = []
+        self.counts, self.totals = [], []
 
     def release(self) -> None:
         """Drop the buffer (the next step allocates one where the input is); empty only."""
-        self.counts = []
+        self.counts, self.totals = [], []
         self._buffer = None
         self._means, self._variances = [], []
 

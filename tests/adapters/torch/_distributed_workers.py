@@ -33,6 +33,7 @@ from normstats.adapters.torch.distributed import (  # noqa: E402
     all_reduce_stats,
     synchronized_batch_norm,
 )
+from normstats.adapters.torch.ring import SLOTS  # noqa: E402
 
 TIMEOUT = datetime.timedelta(seconds=30)
 F64 = torch.float64
@@ -191,6 +192,44 @@ def sync_layer(
     bn.eval()
     with torch.no_grad():
         record["y_eval"] = _np(bn(torch.from_numpy(eval_input)))
+    return record
+
+
+def sync_ring(
+    rank: int,
+    steps: list[list[np.ndarray[Any, Any]]],
+    local: list[list[np.ndarray[Any, Any]]],
+    stats: str,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Train ``BatchNorm(C, sync=True, stats=stats)`` on this rank's batch of every step,
+    but the last two (more steps than its ring holds), then on its own batches ``local[rank]``
+    with ``sync`` off, then on the last two steps.
+
+    Returns the strategy's buffers after the ring folded by itself and after the last
+    synchronized step before ``local`` (read without folding), the slots pending then, and
+    the statistics, read at the end.
+    """
+    bn = BatchNorm(steps[0][rank].shape[1], sync=True, stats=stats, dtype=F64, **kwargs)
+    state = bn.strategy_state
+    assert state is not None
+    record: dict[str, Any] = {}
+    for k, batch in enumerate(steps[:-2]):
+        bn(torch.from_numpy(batch[rank]))
+        if k + 1 == SLOTS:
+            record["after_fold"] = {n: _np(v) for n, v in state.state_dict().items()}
+    record["later"] = {n: _np(v) for n, v in state.state_dict().items()}
+    record["pending"] = bn._ring.pending
+    bn.sync = False
+    for batch in local[rank]:
+        bn(torch.from_numpy(batch))
+    bn.sync = True
+    for batch in steps[-2:]:
+        bn(torch.from_numpy(batch[rank]))
+    record["running_mean"] = _np(bn.running_mean)
+    record["running_var"] = _np(bn.running_var)
+    record["tracked"] = int(bn.num_batches_tracked)
+    record["skipped"] = int(bn.num_batches_skipped)
     return record
 
 
@@ -630,6 +669,8 @@ def layers_task(rank: int, world: int, layer_cases: dict[str, Any], others: dict
         parts["recalibrate"] = lambda: recalibrated_shard(rank, **others["recalibrate"])
     for name, case in others.get("low_precision", {}).items():
         parts[name] = lambda case=case: sync_low_precision(rank, **case)
+    for name, case in others.get("ring", {}).items():
+        parts[name] = lambda case=case: sync_ring(rank, **case)
     if "grouped" in others:
         parts["grouped"] = lambda: grouped_recalibration(rank, **others["grouped"])
     parts["steady_state"] = lambda: steady_state(rank, world)

@@ -36,6 +36,7 @@ from torch import nn  # noqa: E402
 import normstats as ns  # noqa: E402
 from normstats.adapters.torch import BatchNorm, convert, recalibrate  # noqa: E402
 from normstats.adapters.torch.distributed import all_reduce_stats, merge_rows  # noqa: E402
+from normstats.adapters.torch.ring import SLOTS  # noqa: E402
 
 from ...helpers import relative_error_to_exact  # noqa: E402
 from . import _distributed_workers as workers  # noqa: E402
@@ -235,6 +236,30 @@ def low_precision_case(dtype: str) -> dict[str, Any]:
 LOW_PRECISION_CASES = {f"low_precision_{d}": low_precision_case(d) for d in workers.DTYPES}
 
 
+RING_STEPS = 70
+"""Synchronized steps of the ring checks: more than the ring holds (it folds by itself once)."""
+NAN_STEP = 10
+"""The step whose batch holds a NaN on rank 0 (skipped on every rank)."""
+
+
+def ring_case(stats: str, seed: int) -> dict[str, Any]:
+    """Per step, each of 2 ranks' (N, C, 2, 2) float64 batch (N of 2 to 4, and 0 to 3), and
+    each rank's three batches of its own."""
+    rng = np.random.default_rng(seed)
+    offset = np.array([4.0, -1.0, 0.25]).reshape(1, C, 1, 1)
+    sizes = np.stack([rng.integers(2, 5, RING_STEPS), rng.integers(0, 4, RING_STEPS)], axis=1)
+    steps = [[rng.normal(size=(n, C, 2, 2)) * 1.5 + offset for n in row] for row in sizes]
+    steps[NAN_STEP][0][0, 1, 0, 0] = np.nan
+    local = [[rng.normal(size=(n, C, 2, 2)) - offset for n in (3, 5, 2)] for _ in range(2)]
+    case: dict[str, Any] = {"steps": steps, "local": local, "stats": stats}
+    if stats == "ema":
+        case["momentum"] = MOMENTUM
+    return case
+
+
+RING_CASES = {f"ring_{s}": ring_case(s, seed=40 + i) for i, s in enumerate(("welford", "ema"))}
+
+
 def tiny_totals_case(sizes: list[int]) -> list[np.ndarray[Any, Any]]:
     rng = np.random.default_rng(31 + sum(sizes))
     return [rng.normal(2.0, 3.0, size=(n, C)) for n in sizes]
@@ -258,6 +283,7 @@ def layers_on_2() -> list[dict[str, Any]]:
         "convert": convert_case(),
         "recalibrate": recalibration_case(2),
         "low_precision": LOW_PRECISION_CASES,
+        "ring": RING_CASES,
     }
     return spawn("layers", 2, LAYER_CASES[2], others)
 
@@ -422,6 +448,32 @@ def test_sync_step_is_one_all_gather_without_host_reads_after_the_first(layers):
         assert r["later"] == [{"all-gather": 1, "all-reduce": 1}] * 3, f"rank {rank}"
         assert r["host_reads"] == "none", f"rank {rank} of {world}"
         assert r["tracked"] == 4
+
+
+@pytest.mark.parametrize("stats", ["welford", "ema"])
+def test_sync_steps_wait_in_the_ring_and_fold_as_one_process_would(layers_on_2, stats):
+    """A synchronized step used to fold its merged moments into the strategy at once (some
+    thirty tensor operations every step); it now leaves them in the ring, which folds every
+    SLOTS steps and when sync is switched off, to the statistics of folding step by step."""
+    case = RING_CASES[f"ring_{stats}"]
+    merged = [np.concatenate(row) for k, row in enumerate(case["steps"]) if k != NAN_STEP]
+    for rank, r in enumerate(part(layers_on_2, f"ring_{stats}")):
+        # between two folds of the ring the strategy is left as it is
+        assert r["pending"] == RING_STEPS - 2 - SLOTS, f"rank {rank}"
+        for name, value in r["after_fold"].items():
+            np.testing.assert_array_equal(r["later"][name], value, err_msg=f"{name}, rank {rank}")
+        seen = merged[:-2] + case["local"][rank] + merged[-2:]
+        if stats == "welford":
+            per_channel = np.concatenate(seen).transpose(1, 0, 2, 3).reshape(C, -1)
+            mean, var = per_channel.mean(axis=1), per_channel.var(axis=1, ddof=1)
+        else:
+            reference = nn.BatchNorm2d(C, momentum=MOMENTUM, dtype=F64)
+            for x in seen:
+                reference(torch.from_numpy(x))
+            mean, var = reference.running_mean.numpy(), reference.running_var.numpy()
+        np.testing.assert_allclose(r["running_mean"], mean, **TOL, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(r["running_var"], var, **TOL, err_msg=f"rank {rank}")
+        assert (r["tracked"], r["skipped"]) == (len(seen), 1), f"rank {rank}"
 
 
 def test_sync_total_of_at_most_one_value_raises_on_every_rank(faults_on_3):
