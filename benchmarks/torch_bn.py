@@ -419,6 +419,20 @@ def network_candidates(
 # -- operators per training forward ----------------------------------------------------------
 
 
+def profiled(step: Step, device: Device, steps: int, warmup: int) -> Any:
+    """A ``torch.profiler`` record (CPU side) of ``steps`` calls of ``step`` after ``warmup``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    device.sync()
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+        device.sync()
+    return profiler
+
+
 def top_level_operators(step: Step, device: Device, steps: int = AMORTIZED_STEPS) -> float:
     """Top-level aten operators per call of ``step`` over ``steps`` consecutive calls.
 
@@ -426,15 +440,8 @@ def top_level_operators(step: Step, device: Device, steps: int = AMORTIZED_STEPS
     the ``aten::native_batch_norm`` it calls does not); ``steps`` calls share what a layer
     does once every so many of them. Counted with ``torch.profiler`` on the CPU side.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(steps):  # the layer's periodic work lands anywhere in the window
-        step()
-    device.sync()
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as profiler:
-        for _ in range(steps):
-            step()
-        device.sync()
+    # warmed up by as many calls, so the layer's periodic work lands anywhere in the window
+    profiler = profiled(step, device, steps, warmup=steps)
     count = sum(
         1
         for event in profiler.events()
@@ -536,14 +543,7 @@ def quiet_stderr() -> Iterator[None]:
 
 def operators_per_step(step: Step, device: Device, steps: int = 5) -> dict[str, tuple[int, float]]:
     """``{operator: (calls per step, self CPU us per step)}`` of ``step`` (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    device.sync()
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as profiler:
-        for _ in range(steps):
-            step()
-        device.sync()
+    profiler = profiled(step, device, steps, warmup=1)
     return {
         event.key: (event.count // steps, event.self_cpu_time_total / steps)
         for event in profiler.key_averages()
