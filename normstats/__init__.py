@@ -16,6 +16,7 @@ from .estimators import (
     ExactFullPass,
     ExponentialMovingAverage,
     RunningStats,
+    Strategy,
     Welford,
     make_stats,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Moments",
     "RunningStats",
     "Standardizer",
+    "Strategy",
     "Welford",
     "functional",
     "make_stats",

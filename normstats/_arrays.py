@@ -17,7 +17,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._typing import Array, Namespace
+from .typing import Array, Namespace
 
 
 def describe(value: object) -> str:

@@ -8,11 +8,11 @@ import numpy as np
 
 from . import functional
 from ._arrays import all_finite, as_array, check_floating, describe, normalize_axis
-from ._typing import Array
-from ._validation import as_real
 from .estimators import ExactFullPass, RunningStats, resolve_stats
-from .estimators._base import NoBatchError
+from .estimators._strategy import NoBatchError
 from .moments import Moments
+from .typing import Array
+from .validation import as_real
 
 
 class BatchNorm:

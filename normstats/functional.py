@@ -46,8 +46,8 @@ from ._arrays import (
     quiet_overflow,
     split_shape,
 )
-from ._typing import Array, Namespace
 from .moments import Moments, moments_of_batch, reduce_batch
+from .typing import Array, Namespace
 
 
 class Cache(NamedTuple):

@@ -52,8 +52,8 @@ from ._arrays import (
     sample_axes,
     split_shape,
 )
-from ._typing import Array, Axis, Namespace
-from ._validation import as_count
+from .typing import Array, Axis, Namespace
+from .validation import as_count
 
 
 class ShiftedMoments(NamedTuple):

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from ._arrays import all_finite, as_array, check_floating, describe
-from ._typing import Array, Namespace
-from ._validation import as_real
 from .estimators import STRATEGIES, RunningStats, make_stats
 from .estimators._pooled import PooledEstimator
+from .typing import Array, Namespace
+from .validation import as_real
 
 FITTED = ("mean_", "var_", "scale_", "n_samples_seen_", "n_features_in_")
 """The attributes that fitting sets."""

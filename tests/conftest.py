@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from .helpers import STRATEGIES, Strategy
+from .helpers import STRATEGIES, StrategyConfig
 
 settings.register_profile(
     "normstats",
@@ -19,7 +19,7 @@ settings.load_profile("normstats")
 
 
 @pytest.fixture(params=STRATEGIES, ids=lambda s: s.id)
-def estimator_factory(request: pytest.FixtureRequest) -> Strategy:
+def estimator_factory(request: pytest.FixtureRequest) -> StrategyConfig:
     """Every exported strategy (EMA also with ``debias=True``); call it to build one."""
     return request.param
 

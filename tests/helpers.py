@@ -17,7 +17,7 @@ import normstats as ns
 
 
 @dataclasses.dataclass(frozen=True)
-class Strategy:
+class StrategyConfig:
     """One configuration of a strategy: calling it builds a fresh estimator."""
 
     id: str
@@ -39,11 +39,11 @@ class Strategy:
 
 
 STRATEGIES = (
-    Strategy("exact", ns.ExactFullPass, pooled=True),
-    Strategy("cumulative", ns.CumulativeAverage),
-    Strategy("ema", ns.ExponentialMovingAverage, mergeable=False, reports_before_first=True),
-    Strategy("ema-debias", ns.ExponentialMovingAverage, {"debias": True}, mergeable=False),
-    Strategy("welford", ns.Welford, pooled=True),
+    StrategyConfig("exact", ns.ExactFullPass, pooled=True),
+    StrategyConfig("cumulative", ns.CumulativeAverage),
+    StrategyConfig("ema", ns.ExponentialMovingAverage, mergeable=False, reports_before_first=True),
+    StrategyConfig("ema-debias", ns.ExponentialMovingAverage, {"debias": True}, mergeable=False),
+    StrategyConfig("welford", ns.Welford, pooled=True),
 )
 """Every exported strategy, EMA both with PyTorch's initialization and debiased."""
 
@@ -158,7 +158,7 @@ def exact_ema(
 
 
 def exact_reference(
-    strategy: Strategy, batches: Sequence[Any]
+    strategy: StrategyConfig, batches: Sequence[Any]
 ) -> tuple[list[Fraction], list[Fraction]]:
     """What ``strategy`` estimates from ``batches``, in exact arithmetic."""
     if strategy.pooled:

@@ -8,7 +8,7 @@ recalibration after training; ``batch`` normalizes test batches with their own s
 from __future__ import annotations
 
 import normstats as ns
-from normstats.estimators._base import Estimator
+from normstats.estimators import Strategy
 
 DEFAULT = ("exact", "exact-layerwise", "cumulative", "ema:0.1", "ema:0.01", "welford", "batch")
 """What ``normstats compare`` evaluates unless ``--strategies`` says otherwise."""
@@ -47,7 +47,7 @@ def tracked(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(n for n in names if n in ("cumulative", "welford") or n.startswith("ema:"))
 
 
-def estimator(name: str) -> Estimator:
+def estimator(name: str) -> Strategy:
     """A fresh estimator for a tracked strategy."""
     if name.startswith("ema:"):
         return ns.EMA(momentum=float(name[4:]))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from normstats._typing import Array
+from normstats.typing import Array
 
 from .layers import Module, Parameter
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from normstats import BatchNorm
-from normstats._typing import Array
+from normstats.typing import Array
 
 Parameter = tuple[Array, Array]
 """A parameter's value and the gradient of the loss with respect to it."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from normstats import BatchNorm, ExactFullPass, Moments, functional
-from normstats._typing import Array
+from normstats.typing import Array
 
 from .layers import Layer, flatten
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from normstats._typing import Array
+from normstats.typing import Array
 
 from .layers import Layer
 

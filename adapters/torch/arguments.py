@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from normstats import ExponentialMovingAverage, RunningStats
-from normstats._validation import NAN_POLICIES, as_flag, check_unit_interval
-from normstats.estimators import resolve_stats
-from normstats.estimators._base import Estimator
+from normstats.estimators import Strategy, resolve_stats
+from normstats.validation import NAN_POLICIES, as_flag, check_unit_interval
 
 DEFAULT_NAN_POLICY = "skip"
 """A layer built from a strategy name skips non-finite training batches (an instance brings
@@ -80,7 +79,7 @@ def build_strategy(
     momentum: float | None,
     nan_policy: str | None,
     kwargs: dict[str, Any],
-) -> tuple[Estimator | None, str]:
+) -> tuple[Strategy | None, str]:
     """The estimator a layer runs (None for ``"batch"``) and the layer's ``nan_policy``.
 
     For a strategy name, ``momentum`` is the EMA's (PyTorch's ``momentum=None`` is the
@@ -104,10 +103,10 @@ def build_strategy(
     strategy = resolve_stats(stats, **kwargs)
     if strategy is None:
         return None, nan_policy or DEFAULT_NAN_POLICY
-    if not isinstance(strategy, Estimator):
+    if not isinstance(strategy, Strategy):
         raise TypeError(
-            f"stats: a torch layer runs a normstats strategy's update rule on the device; "
-            f"expected one of normstats' estimators, got {type(strategy).__name__}"
+            f"stats: a torch layer runs a strategy's update rule on the device; expected a "
+            f"normstats.Strategy (a built-in one or a subclass), got {type(strategy).__name__}"
         )
     if strategy is stats:
         if nan_policy is not None and nan_policy != strategy.nan_policy:
@@ -121,7 +120,7 @@ def build_strategy(
     return strategy, strategy.nan_policy
 
 
-def layer_momentum(strategy: Estimator | None, momentum: float | None) -> float | None:
+def layer_momentum(strategy: Strategy | None, momentum: float | None) -> float | None:
     """The layer's ``momentum``: an EMA's own, else the (checked) argument."""
     if isinstance(strategy, ExponentialMovingAverage):
         return strategy.momentum

@@ -9,7 +9,7 @@ given the rows of a slot of a preallocated ring as running buffers and ``momentu
 leaves exactly the batch mean and unbiased variance there (a float16 or bfloat16 module, whose
 kernel would round them to its dtype, reduces the batch once more in float32). The pending
 slots are folded into the strategy's float64 state all at once, with the strategy's own
-vectorized fold (:meth:`normstats.estimators._base.Estimator.fold`), when the ring is full and
+vectorized fold (:meth:`normstats.estimators._strategy.Strategy.fold`), when the ring is full and
 whenever the statistics are read: an evaluation forward, ``running_mean``, ``running_var``,
 ``num_batches_tracked`` or ``num_batches_skipped``, ``state_dict``, ``load_state_dict``,
 ``.to()`` and the like, copying or pickling, calibration, and :meth:`BatchNorm.fold_pending`.
@@ -34,10 +34,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normstats import CumulativeAverage, ExactFullPass, ExponentialMovingAverage, RunningStats
-from normstats.estimators import StackedMoments
-from normstats.estimators._base import Estimator, State
+from normstats.estimators import StackedMoments, State, Strategy
 from normstats.functional import reduced_axes
-from normstats.moments import ShiftedMoments, reduce_batch
+from normstats.moments import ShiftedMoments, moments_of_batch, reduce_batch
 
 from . import distributed
 from .arguments import (
@@ -175,9 +174,9 @@ class BatchNorm(_BatchNorm):
         # the strategy exists: the layer builds itself, as a Module
         nn.Module.__init__(self)
         self._ring = MomentRing()
-        self._ring_rule: Estimator | None = None
+        self._ring_rule: Strategy | None = None
         """The update rule the pending slots fold with (each momentum has its own)."""
-        self._runtime_rule: tuple[float | None, Estimator] | None = None
+        self._runtime_rule: tuple[float | None, Strategy] | None = None
         """An EMA layer's rule for the momentum last set at runtime, with that momentum."""
         self._calibration: State | None = None
         self._pending: State | None = None  # the current calibration batch, not yet pooled
@@ -214,7 +213,7 @@ class BatchNorm(_BatchNorm):
                 self.register_buffer(name, None)
             self.register_buffer("num_batches_skipped", None)
             return
-        instance = stats if isinstance(stats, Estimator) else None
+        instance = stats if isinstance(stats, Strategy) else None
         brought = None if instance is None else brought_state(instance, self.num_features)
         self.register_buffer("running_mean", torch.zeros(self.num_features, **factory))
         self.register_buffer("running_var", torch.ones(self.num_features, **factory))
@@ -227,7 +226,7 @@ class BatchNorm(_BatchNorm):
             assert instance is not None
             self._start_from(brought, instance)
 
-    def _start_from(self, state: State, instance: Estimator) -> None:
+    def _start_from(self, state: State, instance: Strategy) -> None:
         """Begin with the statistics an estimator instance brought (copied, not shared)."""
         assert self.strategy_state is not None
         assert self.num_batches_tracked is not None
@@ -311,7 +310,7 @@ class BatchNorm(_BatchNorm):
             return self._train_folding_now(x, rule)
         return self._train_into_ring(x, rule)
 
-    def _training_rule(self) -> Estimator | None:
+    def _training_rule(self) -> Strategy | None:
         """The update rule this training step's batch folds with, from ``momentum`` and
         ``track_running_stats`` as they are now; None: the batch is not tracked."""
         strategy = self.strategy
@@ -331,13 +330,13 @@ class BatchNorm(_BatchNorm):
                 f"with debias=False to change momentum during training"
             )
         # torch's momentum=None: the cumulative average, weight 1 / num_batches_tracked
-        rule: Estimator = (
+        rule: Strategy = (
             CumulativeAverage() if momentum is None else ExponentialMovingAverage(momentum=momentum)
         )
         self._runtime_rule = (momentum, rule)
         return rule
 
-    def _train_into_ring(self, x: Tensor, rule: Estimator) -> Tensor:
+    def _train_into_ring(self, x: Tensor, rule: Strategy) -> Tensor:
         """Normalize with batch statistics; the kernel writes the batch's moments into the
         ring's next slot (momentum=1.0 leaves exactly the batch mean and unbiased variance)."""
         ring = self._ring
@@ -366,7 +365,7 @@ class BatchNorm(_BatchNorm):
             self.fold_pending()
         return y
 
-    def _train_folding_now(self, x: Tensor, rule: Estimator) -> Tensor:
+    def _train_folding_now(self, x: Tensor, rule: Strategy) -> Tensor:
         """Normalize with batch statistics and fold the batch at once (under torch.compile,
         whose graph must not depend on the ring's position)."""
         weight, bias = self._parameters["weight"], self._parameters["bias"]
@@ -401,7 +400,7 @@ class BatchNorm(_BatchNorm):
         return y
 
     def _synchronized_into_ring(
-        self, rule: Estimator, total: Tensor, mean: Tensor, m2: Tensor
+        self, rule: Strategy, total: Tensor, mean: Tensor, m2: Tensor
     ) -> None:
         """Write a synchronized step's global moments into the ring's next slot: a float64
         ring, as the merge is float64, holding the sum of squared deviations and the total
@@ -439,7 +438,7 @@ class BatchNorm(_BatchNorm):
         ring.clear()
 
     @torch.no_grad()
-    def _fold_now(self, rule: Estimator, count: int, mean: Tensor, m2: Tensor) -> None:
+    def _fold_now(self, rule: Strategy, count: int, mean: Tensor, m2: Tensor) -> None:
         """Fold one batch's float64 moments at once with the rule's step, masked when not
         finite (under torch.compile: one batch needs no ring, and a step traces as plain
         tensor arithmetic)."""
@@ -448,12 +447,13 @@ class BatchNorm(_BatchNorm):
         if self.nan_policy == "raise" and not bool(finite):
             raise ValueError("x: expected finite values, got a training batch with NaN or Inf")
         state = self._state()
-        new = rule.step(state.state(), ShiftedMoments(count, None, mean, m2, finite=True))
+        batch = moments_of_batch(torch_namespace, ShiftedMoments(count, None, mean, m2, True))
+        new = rule.step(state.state(), batch)
         state.assign(new, finite)
         self._set_running(new, finite)
         self._count(finite, ~finite, new)
 
-    def _commit(self, rule: Estimator, slots: StackedMoments) -> None:
+    def _commit(self, rule: Strategy, slots: StackedMoments) -> None:
         """Fold ``slots`` with ``rule`` into the strategy, the running buffers and the
         counters (masked slots count as skipped)."""
         state = self._state()
@@ -528,8 +528,9 @@ class BatchNorm(_BatchNorm):
         if strategy is None or state is None:
             return
         assert self.num_batches_skipped is not None
-        batch = ShiftedMoments(
-            pooled["count"], None, POOL.estimate(dict(pooled))[0], pooled["m2"], finite=True
+        mean = POOL.estimate(dict(pooled))[0]
+        batch = moments_of_batch(
+            torch_namespace, ShiftedMoments(pooled["count"], None, mean, pooled["m2"], True)
         )
         with torch.no_grad():
             calibrated = strategy.calibrated_state(batch)
@@ -559,7 +560,8 @@ class BatchNorm(_BatchNorm):
         elif self._pending_finite:
             assert self._calibration is not None
             pooled = self._pending if self._pending is not None else self._calibration
-            self._pending = POOL.step(pooled, reduced)  # a layer may run twice in a forward
+            # a layer may run twice in a forward
+            self._pending = POOL.step(pooled, moments_of_batch(torch_namespace, reduced))
         mean = reduced.mean
         var = (reduced.m2 / count).to(x.dtype)
         return F.batch_norm(x, mean.to(x.dtype), var, self.weight, self.bias, False, 0.0, self.eps)

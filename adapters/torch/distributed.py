@@ -12,6 +12,7 @@ The collectives are the process group's own, so its timeout applies; those of
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import weakref
@@ -21,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from normstats import ExponentialMovingAverage, RunningStats
-from normstats.estimators._base import Estimator, State
+from normstats import RunningStats
+from normstats.estimators import State, Strategy
 
 from .state import BATCH_MOMENTS_DTYPE, STATS_DTYPE
 
@@ -325,10 +326,11 @@ def all_reduce_stats(stats: RunningStats, group: Any = None) -> RunningStats:
     in NumPy arrays or torch tensors on any device; it comes back where it was. Meant for
     custom loops that merge now and then (the states travel as pickled objects).
     """
-    if isinstance(stats, ExponentialMovingAverage) or not isinstance(stats, Estimator):
+    if not (isinstance(stats, Strategy) and stats.mergeable):
         raise TypeError(
-            f"stats: expected Welford, ExactFullPass or CumulativeAverage (an exact merge), "
-            f"got {type(stats).__name__}"
+            f"stats: expected a strategy with an exact merge (mergeable: Welford, "
+            f"ExactFullPass, CumulativeAverage or a user strategy that declares one), got "
+            f"{type(stats).__name__}"
         )
     if not active(group):
         return stats
@@ -343,9 +345,9 @@ def all_reduce_stats(stats: RunningStats, group: Any = None) -> RunningStats:
     if len({shape for shape in shapes if shape is not None}) > 1:
         listed = ", ".join(f"rank {rank}: {shape}" for rank, shape in enumerate(shapes))
         raise ValueError(f"stats: expected the same feature shape on every rank, got {listed}")
-    merged = type(stats)(nan_policy=stats.nan_policy)
+    merged = _empty_like(stats)
     for state in states:
-        other = type(stats)(nan_policy=stats.nan_policy)
+        other = _empty_like(stats)
         other.load_state_dict(state)
         merged.merge(other)
     result = merged.state_dict()
@@ -358,7 +360,14 @@ def all_reduce_stats(stats: RunningStats, group: Any = None) -> RunningStats:
     return stats
 
 
-def _feature_shape(stats: Estimator, state: dict[str, Any]) -> tuple[int, ...] | None:
+def _empty_like(stats: Strategy) -> Strategy:
+    """A strategy of the same class and settings as ``stats``, without state."""
+    empty = copy.copy(stats)
+    empty.reset()
+    return empty
+
+
+def _feature_shape(stats: Strategy, state: dict[str, Any]) -> tuple[int, ...] | None:
     """The feature shape of a state dict (None before its first batch)."""
     if not state[stats.name + ".count"]:
         return None

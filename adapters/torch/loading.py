@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from normstats.estimators._base import NON_NEGATIVE, Estimator
+from normstats.estimators import Strategy
 
 from .state import STATS_DTYPE
 
@@ -217,13 +217,15 @@ def _check_own_values(plan: LoadPlan, prefix: str, resume: bool) -> None:
 
 
 def _check_state_values(
-    strategy: Estimator, state: dict[str, Tensor], prefix: str, problems: list[str]
+    strategy: Strategy, state: dict[str, Tensor], prefix: str, problems: list[str]
 ) -> None:
     """The strategy's state after the load: finite, non-negative spreads, coherent counters."""
     for name in STATE_COUNTERS:
         _check_counter(prefix + name, state[name], problems)
     for name in strategy.array_keys:
-        _check_finite(prefix + name, state[name], problems, spread=name in NON_NEGATIVE)
+        _check_finite(
+            prefix + name, state[name], problems, spread=name in strategy.non_negative_keys
+        )
     if problems or not all(_readable(state[n]) for n in STATE_COUNTERS):
         return
     count, batches = float(state["count"]), float(state["num_batches"])
@@ -241,7 +243,7 @@ def _check_state_values(
         )
 
 
-def _resumes(strategy: Estimator) -> bool:
+def _resumes(strategy: Strategy) -> bool:
     """Whether the strategy continues from running statistics (a state with batches but no
     sample count), as the averages of batch statistics do."""
     template = torch.zeros(1, dtype=STATS_DTYPE)
@@ -249,7 +251,7 @@ def _resumes(strategy: Estimator) -> bool:
     return bool(resumed["num_batches"] == 1)
 
 
-def _resumed(strategy: Estimator, own: dict[str, Tensor], num_features: int) -> dict[str, Tensor]:
+def _resumed(strategy: Strategy, own: dict[str, Tensor], num_features: int) -> dict[str, Tensor]:
     """The strategy's state continuing from torch's running statistics."""
     mean = own["running_mean"].detach().to(STATS_DTYPE)
     template = torch.zeros(num_features, dtype=STATS_DTYPE, device=mean.device)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normstats.estimators._base import State
+from normstats.estimators import State
 
 from . import distributed
 from .arguments import non_negative_real

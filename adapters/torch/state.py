@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normstats.estimators._base import Estimator, State
+from normstats.estimators import State, Strategy
 
 STATS_DTYPE = torch.float64
 """The strategy's accumulators, whatever the module's dtype."""
@@ -30,7 +30,7 @@ class StrategyState(nn.Module):
     fails to load changes nothing (:meth:`claim_next_load`).
     """
 
-    def __init__(self, strategy: Estimator, num_features: int, device: Any = None) -> None:
+    def __init__(self, strategy: Strategy, num_features: int, device: Any = None) -> None:
         super().__init__()
         template = torch.zeros(num_features, dtype=STATS_DTYPE, device=device)
         for key, value in strategy.initial_state(template).items():
@@ -76,13 +76,14 @@ class StrategyState(nn.Module):
         return self
 
 
-def brought_state(instance: Estimator, num_features: int) -> State | None:
+def brought_state(instance: Strategy, num_features: int) -> State | None:
     """The state of an estimator that has seen batches, as float64 tensors on the CPU
     (None if it has seen none); its statistics must have ``num_features`` features."""
     if instance.num_batches == 0:
         return None
     prefix = instance.name + "."
     saved = instance.state_dict()
+    shapes = instance.state_shapes((num_features,))
     state: State = {}
     for key in ("count", "num_batches", *instance.array_keys):
         value = saved[prefix + key]
@@ -91,7 +92,7 @@ def brought_state(instance: Estimator, num_features: int) -> State | None:
             if isinstance(value, Tensor)
             else torch.as_tensor(np.asarray(value, dtype=np.float64))
         )
-        if key in instance.array_keys and tuple(tensor.shape) != (num_features,):
+        if key in instance.array_keys and tuple(tensor.shape) != shapes[key]:
             raise ValueError(
                 f"stats: expected an estimator whose statistics have {num_features} features "
                 f"(num_features), got one that has seen batches of feature shape "

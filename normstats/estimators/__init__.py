@@ -1,11 +1,13 @@
-"""Running-statistics strategies: four estimators behind one protocol."""
+"""Running-statistics strategies: four built-in estimators, and the protocol that user
+strategies implement too."""
 
 from ._cumulative import CumulativeAverage
 from ._ema import EMA, ExponentialMovingAverage
 from ._fold import StackedMoments
 from ._pooled import ExactFullPass, Welford
-from ._protocol import RunningStats
-from ._registry import STRATEGIES, make_stats, resolve_stats
+from ._protocol import RunningStats, StateValue
+from ._registry import STRATEGIES, make_stats, resolve_stats, strategy_class
+from ._strategy import NoBatchError, State, Strategy
 
 __all__ = [
     "EMA",
@@ -13,9 +15,14 @@ __all__ = [
     "CumulativeAverage",
     "ExactFullPass",
     "ExponentialMovingAverage",
+    "NoBatchError",
     "RunningStats",
     "StackedMoments",
+    "State",
+    "StateValue",
+    "Strategy",
     "Welford",
     "make_stats",
     "resolve_stats",
+    "strategy_class",
 ]

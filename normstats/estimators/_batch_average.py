@@ -6,14 +6,14 @@ from typing import Any, ClassVar
 
 import attrs
 
-from .._typing import Array
-from ..moments import ShiftedMoments, blend
-from ._base import Estimator, State
+from ..moments import Moments, blend
+from ..typing import Array
 from ._fold import StackedMoments, fold_batch_averages
+from ._strategy import State, Strategy
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
-class BatchAverage(Estimator):
+class BatchAverage(Strategy):
     r"""Averages of the batch mean and the unbiased batch variance, one weight per batch.
 
     After a batch with mean :math:`\bar x_b` and unbiased variance :math:`s_b^2`:
@@ -28,6 +28,7 @@ class BatchAverage(Estimator):
     # The variance is a weighted average of finite non-negative variances, which cannot
     # overflow; the mean moves by (new - old) * weight, and new - old can.
     overflow_keys: ClassVar[tuple[str, ...]] = ("mean",)
+    non_negative_keys: ClassVar[tuple[str, ...]] = ("var",)
 
     def batch_weight(self, state: State) -> Any:
         """The weight of the next batch given the state before it.
@@ -37,7 +38,7 @@ class BatchAverage(Estimator):
         """
         raise NotImplementedError
 
-    def step(self, state: State, batch: ShiftedMoments) -> State:
+    def step(self, state: State, batch: Moments) -> State:
         weight = self.batch_weight(state)
         return {
             "count": state["count"] + batch.count,

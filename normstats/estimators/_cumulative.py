@@ -6,10 +6,10 @@ from typing import Any, ClassVar
 
 import attrs
 
-from .._typing import Array
 from ..moments import blend
-from ._base import State
+from ..typing import Array
 from ._batch_average import BatchAverage
+from ._strategy import State
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
@@ -47,6 +47,7 @@ class CumulativeAverage(BatchAverage):
     """
 
     name: ClassVar[str] = "cumulative"
+    mergeable: ClassVar[bool] = True
 
     def initial_state(self, template: Array) -> State:
         return {"count": 0, "num_batches": 0, "mean": template * 0.0, "var": template * 0.0}
@@ -58,9 +59,11 @@ class CumulativeAverage(BatchAverage):
     def batch_weight(self, state: State) -> Any:
         return 1.0 / (state["num_batches"] + 1)
 
-    def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
+    def merge_states(self, mine: State, theirs: State) -> State:
         weight = theirs["num_batches"] / (mine["num_batches"] + theirs["num_batches"])
         return {
+            "count": mine["count"] + theirs["count"],
+            "num_batches": mine["num_batches"] + theirs["num_batches"],
             "mean": blend(mine["mean"], theirs["mean"], weight),
             "var": blend(mine["var"], theirs["var"], weight),
         }

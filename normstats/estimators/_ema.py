@@ -8,12 +8,12 @@ from typing import Any, ClassVar
 import attrs
 
 from .._arrays import all_finite, as_array, quiet_overflow
-from .._typing import Array
-from .._validation import check_unit_interval
-from ..moments import ShiftedMoments
-from ._base import State
+from ..moments import Moments
+from ..typing import Array
+from ..validation import check_unit_interval
 from ._batch_average import BatchAverage
 from ._protocol import RunningStats
+from ._strategy import State
 
 
 def _check_momentum(instance: object, attribute: Any, value: object) -> None:
@@ -121,7 +121,7 @@ class ExponentialMovingAverage(BatchAverage):
             "of the batches); merge Welford, ExactFullPass or CumulativeAverage instead"
         )
 
-    def _hyperparameters(self) -> dict[str, int | float | bool]:
+    def hyperparameters(self) -> dict[str, int | float | bool]:
         return {"momentum": self.momentum, "debias": self.debias}
 
     def _unfilled_hint(self) -> str:
@@ -186,7 +186,7 @@ class ExponentialMovingAverage(BatchAverage):
                 f"for {prefix}num_batches={state['num_batches']}"
             )
 
-    def calibrated_state(self, batch: ShiftedMoments) -> State:
+    def calibrated_state(self, batch: Moments) -> State:
         # The estimate after one batch must be the batch itself: the state of an average
         # whose only batch it was (scaled by the bias correction for t = 1).
         scale = self._momentum if self._debias else 1.0

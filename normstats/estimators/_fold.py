@@ -3,12 +3,12 @@ r"""Folding many batches into a strategy's state at once.
 A layer that trains on an accelerator should not pay a strategy's update, a few dozen small
 operations, on every step. It can instead keep each step's batch moments in a slot of a
 preallocated buffer and fold the pending slots together now and then: when the buffer is
-full and whenever the statistics are read. :meth:`Estimator.fold` is that fold, a pure
+full and whenever the statistics are read. :meth:`Strategy.fold` is that fold, a pure
 function of a state and a :class:`StackedMoments` of ``K`` batches (the slots, oldest
 first), some of which may be masked out (a batch with NaN or Inf that is skipped).
 
 The rule is always the same: ``fold(state, slots)`` is the state that
-:meth:`~Estimator.step` reaches slot by slot, skipping the masked slots, up to float64
+:meth:`~Strategy.step` reaches slot by slot, skipping the masked slots, up to float64
 rounding. Every strategy gets it from the loop :func:`fold_by_steps`; the built-in
 strategies replace that loop by closed forms whose cost does not grow with ``K`` in
 operations (only in arithmetic):
@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import array_api_compat
 
-from .._typing import Array, Namespace
-from ..moments import ShiftedMoments, chan_merge
+from ..moments import Moments, chan_merge
+from ..typing import Array, Namespace
 
 if TYPE_CHECKING:
-    from ._base import Estimator, State
     from ._batch_average import BatchAverage
+    from ._strategy import State, Strategy
 
 
 class StackedMoments(NamedTuple):
@@ -75,7 +75,7 @@ class StackedMoments(NamedTuple):
     into the result, whatever they are (NaN, Inf or stale)."""
 
 
-def fold_by_steps(strategy: Estimator, state: State, slots: StackedMoments) -> State:
+def fold_by_steps(strategy: Strategy, state: State, slots: StackedMoments) -> State:
     """``strategy.step`` over the slots in order, each masked slot leaving the state as it was.
 
     The default fold: correct for any strategy, ``K`` steps long. Counters come back as
@@ -85,13 +85,8 @@ def fold_by_steps(strategy: Estimator, state: State, slots: StackedMoments) -> S
     for k, count in enumerate(slots.counts):
         keep = slots.finite[k]
         # a masked slot is stepped with zeros (never its NaN or Inf) and then discarded
-        batch = ShiftedMoments(
-            int(count),
-            None,
-            xp.where(keep, slots.means[k], 0.0),
-            xp.where(keep, slots.m2s[k], 0.0),
-            finite=True,
-        )
+        mean = xp.where(keep, slots.means[k], 0.0)
+        batch = Moments._trusted(int(count), mean, xp.where(keep, slots.m2s[k], 0.0), mean * 0.0)
         new = strategy.step(state, batch)
         state = {key: xp.where(keep, _as(xp, new[key]), _as(xp, state[key])) for key in new}
     return state

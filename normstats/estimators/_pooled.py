@@ -12,14 +12,14 @@ from typing import ClassVar
 
 import attrs
 
-from .._typing import Array
-from ..moments import Moments, ShiftedMoments, chan_merge, two_sum
-from ._base import Estimator, State
+from ..moments import Moments, chan_merge, two_sum
+from ..typing import Array
 from ._fold import StackedMoments, fold_pooled
+from ._strategy import State, Strategy
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
-class PooledEstimator(Estimator):
+class PooledEstimator(Strategy):
     """Shared state and math of :class:`Welford` and :class:`ExactFullPass`.
 
     The state is ``count``, ``m2`` and the running mean kept as ``mean_origin +
@@ -34,6 +34,8 @@ class PooledEstimator(Estimator):
     # A fold moves the offset by less than delta, whose square (times at least 1/2) is
     # added to m2: m2 overflows before the mean can.
     overflow_keys: ClassVar[tuple[str, ...]] = ("m2",)
+    non_negative_keys: ClassVar[tuple[str, ...]] = ("m2",)
+    mergeable: ClassVar[bool] = True
 
     @property
     def mean(self) -> Array:
@@ -70,20 +72,18 @@ class PooledEstimator(Estimator):
             "m2": template * 0.0,
         }
 
-    def _first_state(self, batch: ShiftedMoments) -> State:
+    def _first_state(self, batch: Moments) -> State:
         # The first batch's mean becomes the origin, so later offsets are small.
         state = self.initial_state(batch.m2)
-        state["mean_origin"] = batch.delta if batch.shift is None else batch.shift
+        state["mean_origin"] = batch.mean
         return state
 
-    def step(self, state: State, batch: ShiftedMoments) -> State:
+    def step(self, state: State, batch: Moments) -> State:
         origin, offset = state["mean_origin"], state["mean_offset"]
-        # With offset data batch.shift and origin are close float64 values, so their
-        # difference is exact, and delta is exact up to the batch's own rounding.
-        if batch.shift is None:  # reduced around zero
-            delta = batch.delta - origin - offset
-        else:
-            delta = (batch.shift - origin) + batch.delta - offset
+        # With offset data batch.mean and origin are close float64 values, so their
+        # difference is exact, and with the mean's residual delta is exact up to the
+        # batch's own rounding.
+        delta = (batch.mean - origin) + batch.mean_residual - offset
         step, m2 = chan_merge(state["count"], state["m2"], batch.count, delta, batch.m2)
         return {
             "count": state["count"] + batch.count,
@@ -99,12 +99,14 @@ class PooledEstimator(Estimator):
     def fold(self, state: State, slots: StackedMoments) -> State:
         return fold_pooled(state, slots)
 
-    def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
+    def merge_states(self, mine: State, theirs: State) -> State:
         delta = (theirs["mean_origin"] - mine["mean_origin"]) + (
             theirs["mean_offset"] - mine["mean_offset"]
         )
         step, m2 = chan_merge(mine["count"], mine["m2"], theirs["count"], delta, theirs["m2"])
         return {
+            "count": mine["count"] + theirs["count"],
+            "num_batches": mine["num_batches"] + theirs["num_batches"],
             "mean_origin": mine["mean_origin"],
             "mean_offset": mine["mean_offset"] + step,
             "m2": m2,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-from .._typing import Array, Axis
 from ..moments import Moments
+from ..typing import Array, Axis
 
 StateValue = int | float | bool | Array
 """A ``state_dict`` value: a number or an array (0-d arrays count as numbers)."""

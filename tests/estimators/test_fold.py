@@ -1,4 +1,4 @@
-"""``Estimator.fold``: many stacked batches at once, with masked slots.
+"""``Strategy.fold``: many stacked batches at once, with masked slots.
 
 The reference is the strategy's own ``step`` over the unmasked slots in order (the rule the
 fold must reproduce, to float64 rounding), and exact rational arithmetic over the unmasked
@@ -14,18 +14,16 @@ import numpy as np
 import pytest
 
 import normstats as ns
-from normstats.estimators import StackedMoments
-from normstats.estimators._base import Estimator
+from normstats.estimators import StackedMoments, Strategy
 from normstats.estimators._fold import fold_by_steps
-from normstats.moments import ShiftedMoments
 
-from ..helpers import STRATEGIES, Strategy, exact_reference, relative_error_to_exact, to_numpy
+from ..helpers import STRATEGIES, StrategyConfig, exact_reference, relative_error_to_exact, to_numpy
 
 RTOL = 1e-12
 FEATURES = 3
 EXTRA = (
-    Strategy("ema-1.0", ns.ExponentialMovingAverage, {"momentum": 1.0}, mergeable=False),
-    Strategy("ema-0.5", ns.ExponentialMovingAverage, {"momentum": 0.5}, mergeable=False),
+    StrategyConfig("ema-1.0", ns.ExponentialMovingAverage, {"momentum": 1.0}, mergeable=False),
+    StrategyConfig("ema-0.5", ns.ExponentialMovingAverage, {"momentum": 0.5}, mergeable=False),
 )
 EVERY = (*STRATEGIES, *EXTRA)
 
@@ -63,7 +61,7 @@ def stepped(strategy, state, xs):
     """``strategy.step`` over the batches, the reference the fold must reproduce."""
     for x in xs:
         m = ns.Moments.from_array(x)
-        state = strategy.step(state, ShiftedMoments(m.count, None, m.mean, m.m2, finite=True))
+        state = strategy.step(state, m)
     return state
 
 
@@ -218,7 +216,7 @@ def test_pooled_fold_keeps_every_digit_of_data_far_from_zero(strategy):
 # -- a user's strategy gets the loop --------------------------------------------------------
 
 
-class LargestMean(Estimator):
+class LargestMean(Strategy):
     """A user's strategy: the largest batch mean seen, and its batch's unbiased variance."""
 
     name = "largest"

@@ -1,9 +1,12 @@
-"""What every strategy shares: batch validation, the NaN policy, counters and state dicts.
+"""The strategy protocol: an update rule over a state of arrays, under a stateful shell.
 
-A strategy subclasses :class:`Estimator` and gives its update rule as pure functions of an
-explicit state (``initial_state``, ``step``, ``estimate``), which the class shell here holds,
+A strategy subclasses :class:`Strategy` and gives its update rule as pure functions of an
+explicit state (``initial_state``, ``step``, ``estimate``, and optionally ``merge_states``,
+``calibrated_state``, ``resumed_state``, ``fold``), which the class shell here holds,
 validates and serializes. Validation happens before any state changes, so a rejected batch or
-state dict leaves the estimator exactly as it was.
+state dict leaves the estimator exactly as it was. The same pure functions run on a layer's
+device buffers: the torch adapter keeps the state in float64 tensors and calls them itself.
+docs/strategies.md walks through writing one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, ClassVar, TypeVar, cast
 
 import array_api_compat
 import attrs
+import numpy as np
 
 from .._arrays import (
     accumulation_copy,
@@ -25,13 +29,18 @@ from .._arrays import (
     sample_axes,
     split_shape,
 )
-from .._typing import Array, Axis, Namespace
-from .._validation import as_count, as_flag, as_real, check_nan_policy
-from ..moments import Moments, ShiftedMoments, non_finite_batch_error, reduce_batch
+from ..moments import (
+    Moments,
+    moments_of_batch,
+    non_finite_batch_error,
+    reduce_batch,
+)
+from ..typing import Array, Axis, Namespace
+from ..validation import as_count, as_flag, as_real, check_nan_policy
 from ._fold import StackedMoments, fold_by_steps
 from ._protocol import RunningStats, StateValue
 
-E = TypeVar("E", bound="Estimator")
+E = TypeVar("E", bound="Strategy")
 
 State = dict[str, Any]
 """An estimator's state: ``count`` and ``num_batches`` (ints, or 0-d arrays in a layer's
@@ -47,22 +56,73 @@ class NoBatchError(ValueError, AttributeError):
 
 
 @attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
-class Estimator:
-    """Base of the four strategies; not part of the public API.
+class Strategy:
+    r"""A population-statistics strategy: a pure update rule under a stateful shell.
 
-    Strategies are declared with ``@attrs.define(eq=False, repr=False,
-    on_setattr=attrs.setters.NO_OP)``: hyperparameters are validated when the estimator is
-    built and read-only afterwards (private fields behind properties), and the state, which
-    changes on every batch, is set without attrs' per-assignment hooks (they cost more than
-    the arithmetic of a small batch).
+    Subclass it to write a strategy of your own; the four built-in ones are subclasses too,
+    and a subclass runs wherever they do (:func:`~normstats.make_stats`, the
+    :class:`~normstats.Standardizer`, :class:`~normstats.BatchNorm`, the torch layer and
+    ``recalibrate``, distributed training, state dicts and the comparison).
+
+    **What a strategy provides.** Class attributes ``name`` (an identifier: the
+    ``state_dict`` key prefix and the name of the torch layer's buffer module) and
+    ``array_keys`` (the names of its state arrays), and three pure functions of an explicit
+    *state*, a dict holding ``count`` and ``num_batches`` (numbers, or 0-d arrays) and one
+    array per name in ``array_keys``:
+
+    * :meth:`initial_state` ``(template)``: the state before any batch, its arrays allocated
+      like ``template``, an array of the feature shape (namespace, device, dtype float64);
+    * :meth:`step` ``(state, batch)``: the state after one batch, whose ``count``, ``mean``
+      and ``m2`` (sum of squared deviations) come as a :class:`~normstats.Moments`;
+    * :meth:`estimate` ``(state)``: the ``(mean, unbiased variance)`` of a state.
+
+    Optionally: :meth:`merge_states` with ``mergeable = True`` (an exact merge of two
+    streams), :meth:`calibrated_state` (how a calibration pass is written in),
+    :meth:`resumed_state` (how training resumes from a framework layer's running
+    statistics), :meth:`fold` (many batches at once; the default loops over :meth:`step`),
+    :meth:`hyperparameters` (the settings a state dict carries) and ``min_batch_count``.
+
+    **What a strategy may do.** The functions receive and return arrays of one namespace,
+    NumPy's or torch's, on any device: write them with the array-API operations of that
+    namespace (``array_api_compat.array_namespace(x)``; arithmetic operators, ``where``,
+    ``sum``, ``concat``, ``reshape``, ``@``...) so that one definition runs on both. They
+    must not validate, branch on the data or read values to the host (``float(x)``,
+    ``bool(x)``): a layer keeps the state in device buffers, where the counters are 0-d
+    tensors, and calls them on every training step, and a skipped batch is masked out of
+    their result rather than tested for.
+
+    **What the shell guarantees.** Batches reach :meth:`step` validated: of a floating
+    dtype, finite, of the feature shape of earlier batches, with at least
+    ``min_batch_count`` samples per feature, on the state's device, and in float64 (or
+    float32 where the device has no float64). Before any batch the shell holds no state
+    (reading ``mean`` raises :class:`NoBatchError`). A step whose result is not finite in
+    the arrays of ``overflow_keys`` is refused like a batch with NaN. State arrays have
+    shape ``(*leading, *feature_shape)``, where the ``leading`` axes of each key are
+    what :meth:`initial_state` gives for a 0-d ``template`` (none, for the built-ins).
+
+    Subclasses are declared with ``@attrs.define(eq=False, repr=False,
+    on_setattr=attrs.setters.NO_OP)`` or as plain classes: hyperparameters are validated
+    when the estimator is built and read-only afterwards, and the state, which changes on
+    every batch, is set without attrs' per-assignment hooks.
+
+    Parameters
+    ----------
+    nan_policy : {"raise", "skip"}
+        What a batch with NaN or Inf does: raise ``ValueError``, or get skipped and counted
+        in ``num_batches_skipped``.
     """
 
     name: ClassVar[str]
-    """Strategy name, used by ``make_stats`` and as the ``state_dict`` key prefix."""
-    min_batch_count: ClassVar[int] = 1
-    """Fewest samples per feature a batch may have (2 where the unbiased batch variance is used)."""
+    """Strategy name, an identifier: the ``state_dict`` key prefix."""
     array_keys: ClassVar[tuple[str, ...]]
     """Names of the state arrays, in ``state_dict`` order."""
+    min_batch_count: ClassVar[int] = 1
+    """Fewest samples per feature a batch may have (2 where the unbiased batch variance is used)."""
+    mergeable: ClassVar[bool] = False
+    """Whether :meth:`merge_states` is an exact merge of two streams (``merge``,
+    ``all_reduce_stats`` and merged checkpoints need one)."""
+    non_negative_keys: ClassVar[tuple[str, ...]] = ()
+    """State arrays that hold spreads: a loaded state with negative values there is refused."""
     overflow_keys: ClassVar[tuple[str, ...] | None] = None
     """The state arrays in which any overflow of a fold of finite values shows (checked
     after every fold: a host synchronisation each on an accelerator); None for all of
@@ -74,6 +134,9 @@ class Estimator:
     _state: State | None = attrs.field(default=None, init=False, repr=False)
     """``count``, ``num_batches`` and the arrays of ``array_keys``; None before any batch."""
     _num_batches_skipped: int = attrs.field(default=0, init=False, repr=False)
+    _leading: dict[str, tuple[int, ...]] | None = attrs.field(default=None, init=False, repr=False)
+    """The leading axes of each state array (what :meth:`initial_state` gives for a 0-d
+    template), found once."""
 
     # -- the functional core a strategy provides ---------------------------------------
     #
@@ -83,15 +146,28 @@ class Estimator:
 
     def initial_state(self, template: Array) -> State:
         """The state before any batch, allocated like ``template`` (shape, namespace, device)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define initial_state")
 
-    def step(self, state: State, batch: ShiftedMoments) -> State:
-        """The state after folding in ``batch`` (``count`` and ``num_batches`` included)."""
-        raise NotImplementedError
+    def step(self, state: State, batch: Moments) -> State:
+        """The state after folding in ``batch`` (``count`` and ``num_batches`` included).
+
+        ``batch.mean + batch.mean_residual`` is the batch mean to more than float64
+        precision (``mean_residual`` is zero or tiny; a strategy may ignore it).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define step")
 
     def estimate(self, state: State) -> tuple[Array, Array]:
         """``(mean, unbiased var)`` of a state that has seen a batch."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define estimate")
+
+    def merge_states(self, mine: State, theirs: State) -> State:
+        """The state of both streams together (``count`` and ``num_batches`` included), for
+        a strategy with ``mergeable = True``."""
+        raise TypeError(f"merge: strategy {self.name!r} ({type(self).__name__}) has no merge")
+
+    def hyperparameters(self) -> dict[str, int | float | bool]:
+        """The settings a state must agree with to be loaded (and ``repr`` shows)."""
+        return {}
 
     def fold(self, state: State, slots: StackedMoments) -> State:
         """The state after folding in ``K`` stacked batches, skipping the masked ones.
@@ -109,11 +185,27 @@ class Estimator:
         (``running_mean``, ``running_var``, ``num_batches_tracked``). Strategies that are an
         average of batch statistics (EMA, cumulative) carry on from them exactly as PyTorch
         would; a pool of samples cannot be resumed without its sample count, so the pooled
-        strategies start empty.
+        strategies (and, by default, any strategy) start empty.
         """
         return self.initial_state(template)
 
-    def _first_state(self, batch: ShiftedMoments) -> State:
+    def state_shapes(self, feature_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """The shape of each state array for statistics of ``feature_shape``: its leading
+        axes (those :meth:`initial_state` gives a 0-d template), then ``feature_shape``."""
+        if self._leading is None:
+            scalar = self.initial_state(np.zeros((), dtype=np.float64))
+            self._leading = {key: tuple(np.shape(scalar[key])) for key in self.array_keys}
+        return {key: leading + tuple(feature_shape) for key, leading in self._leading.items()}
+
+    def calibrated_state(self, batch: Moments) -> State:
+        """A state whose estimate is exactly ``batch``'s mean and unbiased variance.
+
+        Pure like :meth:`step`: how a calibration pass is written into any strategy. The
+        default steps the initial state once with ``batch``.
+        """
+        return self.step(self._first_state(batch), batch)
+
+    def _first_state(self, batch: Moments) -> State:
         """The state a first batch is folded into (a strategy may pick an origin from it)."""
         return self.initial_state(batch.m2)
 
@@ -135,10 +227,6 @@ class Estimator:
     def _unfilled_hint(self) -> str:
         return "call update() first"
 
-    def _hyperparameters(self) -> dict[str, int | float | bool]:
-        """Settings that a loaded state must agree with."""
-        return {}
-
     # -- the RunningStats protocol ------------------------------------------------------
 
     @property
@@ -147,7 +235,7 @@ class Estimator:
         return self._nan_policy
 
     def __repr__(self) -> str:
-        settings = {**self._hyperparameters(), "nan_policy": self._nan_policy}
+        settings = {**self.hyperparameters(), "nan_policy": self._nan_policy}
         arguments = ", ".join(f"{key}={value!r}" for key, value in settings.items())
         return f"{type(self).__name__}({arguments})"
 
@@ -182,7 +270,7 @@ class Estimator:
         with quiet_overflow(x):  # finiteness is checked, once for the batch and once folded
             batch = reduce_batch(xp, x, axes)
             if batch.finite:
-                self._fold(xp, batch, "x")
+                self._fold(xp, moments_of_batch(xp, batch), "x")
                 return
         self._skip_or_raise(non_finite_batch_error(xp, x, "x"))
 
@@ -196,8 +284,8 @@ class Estimator:
         given = self._as_batch(moments, min_count=self.min_batch_count)
         if given is None:
             return
-        xp, batch = given
-        if batch.finite:
+        xp, batch, finite = given
+        if finite:
             with quiet_overflow(batch.m2):  # the fold is checked
                 self._fold(xp, batch, "moments")
         else:
@@ -212,12 +300,12 @@ class Estimator:
         change nothing.
         """
         given = self._as_batch(moments, min_count=2)
-        if given is None or not given[1].finite:
+        if given is None or not given[2]:
             raise ValueError(
                 "moments: expected the finite moments of at least 2 samples, got "
                 f"count={moments.count}" + ("" if given is None else " with NaN or Inf")
             )
-        xp, batch = given
+        xp, batch, _ = given
         with quiet_overflow(batch.m2):  # overflow is checked below
             state = self.calibrated_state(batch)
         if not self._finite(xp, state):
@@ -228,24 +316,12 @@ class Estimator:
         self._state = state
         self._num_batches_skipped = 0
 
-    def calibrated_state(self, batch: ShiftedMoments) -> State:
-        """A state whose estimate is exactly ``batch``'s mean and unbiased variance.
+    def _as_batch(self, moments: Moments, min_count: int) -> tuple[Namespace, Moments, bool] | None:
+        """Validated ``moments`` in float64 (their namespace, the batch and whether it is
+        finite), or None when ``count`` is 0.
 
-        Pure like :meth:`step`: how a calibration pass is written into any strategy.
-        """
-        return self.step(self._first_state(batch), batch)
-
-    def _as_batch(
-        self, moments: Moments, min_count: int
-    ) -> tuple[Namespace, ShiftedMoments] | None:
-        """Validated float64 ``moments`` as a batch (and its namespace), or None when
-        ``count`` is 0.
-
-        The batch is the mean's two parts, ``shift = mean`` and ``delta = mean_residual``,
-        so that a strategy that keeps its mean to more than float64 precision keeps every
-        digit of it. ``finite`` is known from ``m2`` alone: a constructed ``Moments`` is
-        finite, and the library's unchecked ones (a NaN training batch's) are finite only
-        if their ``m2`` is.
+        Finiteness is known from ``m2`` alone: a constructed ``Moments`` is finite, and the
+        library's unchecked ones (a NaN training batch's) are finite only if their ``m2`` is.
         """
         if not isinstance(moments, Moments):
             raise TypeError(f"moments: expected normstats.Moments, got {type(moments).__name__}")
@@ -261,7 +337,7 @@ class Estimator:
         mean = xp.astype(moments.mean, dtype)
         residual = xp.astype(moments.mean_residual, dtype)
         m2 = xp.astype(moments.m2, dtype)
-        return xp, ShiftedMoments(moments.count, mean, residual, m2, finite=all_finite(xp, m2))
+        return xp, Moments._trusted(moments.count, mean, m2, residual), all_finite(xp, m2)
 
     def reset(self) -> None:
         """Forget every batch; hyperparameters and ``nan_policy`` stay."""
@@ -275,7 +351,7 @@ class Estimator:
         ``torch.save`` / ``torch.load(weights_only=True)``.
         """
         prefix = self.name + "."
-        state: dict[str, StateValue] = {prefix + k: v for k, v in self._hyperparameters().items()}
+        state: dict[str, StateValue] = {prefix + k: v for k, v in self.hyperparameters().items()}
         state[prefix + "count"] = self.count
         state[prefix + "num_batches"] = self.num_batches
         state[prefix + "num_batches_skipped"] = self._num_batches_skipped
@@ -307,7 +383,7 @@ class Estimator:
                 f"state_dict: expected the keys of a {self.name!r} state {sorted(expected)}, "
                 f"got {sorted(map(str, given))}{hint}"
             )
-        for key, setting in self._hyperparameters().items():
+        for key, setting in self.hyperparameters().items():
             parse: Callable[[str, object], float] = (
                 as_flag if isinstance(setting, bool) else as_real
             )
@@ -329,7 +405,7 @@ class Estimator:
         values = {k: state_dict[prefix + k] for k in self.array_keys}
         state: State | None = None
         if counters["count"] > 0:
-            arrays = _load_arrays(values, prefix)
+            arrays = _load_arrays(self, values, prefix)
             state = {"count": counters["count"], "num_batches": counters["num_batches"], **arrays}
             self._check_state(state, prefix)
         else:  # before the first batch the arrays are placeholder numbers
@@ -344,7 +420,7 @@ class Estimator:
 
     # -- shared machinery -----------------------------------------------------------
 
-    def _fold(self, xp: Namespace, batch: ShiftedMoments, name: str) -> None:
+    def _fold(self, xp: Namespace, batch: Moments, name: str) -> None:
         """Fold a finite batch in, unless the result overflows float64: that batch is then
         bad input like a non-finite one (raised, or skipped and counted). Run under
         :func:`quiet_overflow`."""
@@ -371,8 +447,16 @@ class Estimator:
         return all_finite(xp, *map(state.__getitem__, self.overflow_keys or self.array_keys))
 
     def _state_template(self) -> Array | None:
-        """A state array (its feature shape, namespace and device), or None before any batch."""
+        """A state array (its namespace and device), or None before any batch."""
         return None if self._state is None else self._state[self.array_keys[-1]]
+
+    def _feature_shape(self) -> tuple[int, ...] | None:
+        """The feature shape of the statistics, or None before any batch."""
+        template = self._state_template()
+        if template is None:
+            return None
+        leading = self.state_shapes(())[self.array_keys[-1]]
+        return tuple(template.shape)[len(leading) :]
 
     def _check_batch(self, x: Array, feature_shape: tuple[int, ...], count: int, name: str) -> None:
         """Sample count, feature shape, array type and device of a batch (or its ``mean``)."""
@@ -384,12 +468,12 @@ class Estimator:
                 f"variance of {self.name!r} needs them)"
             )
             raise ValueError(f"{name}: expected {needed}, got {count} ({describe(x)})")
-        template = self._state_template()
+        template, expected_shape = self._state_template(), self._feature_shape()
         if template is None:
             return
-        if template.shape != feature_shape:
+        if expected_shape != feature_shape:
             raise ValueError(
-                f"{name}: expected feature shape {tuple(template.shape)} as in earlier "
+                f"{name}: expected feature shape {expected_shape} as in earlier "
                 f"batches, got {feature_shape} ({describe(x)})"
             )
         if type(x) is not type(template) and (
@@ -413,28 +497,28 @@ class Estimator:
                 f"other: expected a {type(self).__name__} to merge, got {type(other).__name__}"
             )
         other = cast(E, other)  # type: ignore[redundant-cast]  # exact type checked above
-        mine, theirs = self._state_template(), other._state_template()
-        if mine is not None and theirs is not None and mine.shape != theirs.shape:
-            raise ValueError(
-                f"other: expected feature shape {tuple(mine.shape)}, got {tuple(theirs.shape)}"
-            )
+        mine, theirs = self._feature_shape(), other._feature_shape()
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(f"other: expected feature shape {mine}, got {theirs}")
         return other
 
     def merge(self, other: RunningStats) -> None:
-        """Fold in another estimator's stream (each strategy says whether it can).
+        """Fold in another estimator's stream, for a strategy with ``mergeable = True``
+        (one without raises ``TypeError``).
 
         Raises ``ValueError`` when the merged statistics overflow float64; both estimators
         are then unchanged.
         """
+        if not self.mergeable:
+            raise TypeError(
+                f"merge: strategy {self.name!r} ({type(self).__name__}) has no exact merge "
+                f"(its mergeable is False)"
+            )
         theirs = self._check_mergeable(other)
         mine = self._state
         if theirs._state is not None and mine is not None:
             with quiet_overflow(mine[self.array_keys[0]]):  # overflow is checked below
-                merged = {
-                    "count": mine["count"] + theirs._state["count"],
-                    "num_batches": mine["num_batches"] + theirs._state["num_batches"],
-                    **self._merge_arrays(mine, theirs._state),
-                }
+                merged = self.merge_states(mine, theirs._state)
             xp = array_api_compat.array_namespace(merged[self.array_keys[0]])
             if not self._finite(xp, merged):
                 raise ValueError(
@@ -446,34 +530,34 @@ class Estimator:
             self._state = dict(theirs._state)
         self._num_batches_skipped += theirs._num_batches_skipped
 
-    def _merge_arrays(self, mine: State, theirs: State) -> dict[str, Array]:
-        """The arrays of the union of two filled states."""
-        raise NotImplementedError
 
-
-NON_NEGATIVE = frozenset({"m2", "var"})
-"""State arrays that hold spreads, which a valid state never has negative."""
-
-
-def _load_arrays(values: dict[str, object], prefix: str) -> dict[str, Array]:
-    """Validate state arrays (floating, finite, one shape) and convert them to float64."""
+def _load_arrays(strategy: Strategy, values: dict[str, object], prefix: str) -> dict[str, Array]:
+    """Validate state arrays (floating, finite, of the shapes ``strategy.state_shapes`` gives
+    for one feature shape, non-negative where they hold spreads) and convert them to float64."""
     arrays: dict[str, Array] = {}
-    shape: tuple[int, ...] | None = None
+    shapes: dict[str, tuple[int, ...]] | None = None
     for key, value in values.items():
         name = f"state_dict[{prefix + key!r}]"
         if type(value) in (int, float):  # a placeholder; NumPy scalars are 0-d statistics
             raise ValueError(f"{name}: expected an array of statistics, got the number {value!r}")
         xp, array = as_array(value, name)
         check_floating(xp, array, name)
-        if shape is not None and tuple(array.shape) != shape:
+        if shapes is None:  # the first array gives the feature shape
+            leading = strategy.state_shapes(())[key]
+            if tuple(array.shape)[: len(leading)] != leading:
+                raise ValueError(
+                    f"{name}: expected leading axes {leading} before the feature axes, got "
+                    f"{describe(array)}"
+                )
+            shapes = strategy.state_shapes(tuple(array.shape)[len(leading) :])
+        if tuple(array.shape) != shapes[key]:
             raise ValueError(
-                f"{name}: expected shape {shape} like the others, got {describe(array)}"
+                f"{name}: expected shape {shapes[key]} like the others, got {describe(array)}"
             )
-        shape = tuple(array.shape)
         array = accumulation_copy(xp, array)
         if not all_finite(xp, array):
             raise ValueError(f"{name}: expected finite values, got NaN or Inf")
-        if key in NON_NEGATIVE and not bool(xp.all(array >= 0)):
+        if key in strategy.non_negative_keys and not bool(xp.all(array >= 0)):
             raise ValueError(f"{name}: expected non-negative values, got negative ones")
         arrays[key] = array
     return arrays
@@ -481,4 +565,4 @@ def _load_arrays(values: dict[str, object], prefix: str) -> dict[str, Array]:
 
 # Every strategy implements the protocol; registering makes isinstance() true even before
 # the first batch, when reading ``mean`` raises NoBatchError (Python < 3.12 reads it).
-RunningStats.register(Estimator)
+RunningStats.register(Strategy)
