@@ -8,7 +8,7 @@ import numpy as np
 
 from . import functional
 from ._arrays import all_finite, as_array, check_floating, describe, normalize_axis
-from .estimators import ExactFullPass, RunningStats, resolve_stats
+from .estimators import ExactFullPass, RunningStats, Strategy, resolve_stats
 from .estimators._strategy import NoBatchError
 from .moments import Moments
 from .typing import Array
@@ -68,7 +68,7 @@ class BatchNorm:
     def __init__(
         self,
         num_features: int,
-        stats: str | RunningStats = "ema",
+        stats: str | type[Strategy] | RunningStats = "ema",
         eps: float = 1e-5,
         affine: bool = True,
         axis: int = 1,

@@ -1,8 +1,10 @@
 """The strategies a comparison evaluates, by name, and how each is obtained.
 
-``cumulative``, ``ema:<momentum>`` and ``welford`` are tracked during training, all from
-the same batches of the same network; ``exact`` (one pass) and ``exact-layerwise`` come from
-recalibration after training; ``batch`` normalizes test batches with their own statistics.
+``cumulative``, ``ema:<momentum>``, ``welford`` and a user's strategy named by its import
+path ``module:Class`` (a subclass of :class:`normstats.Strategy`) are tracked during
+training, all from the same batches of the same network; ``exact`` (one pass) and
+``exact-layerwise`` come from recalibration after training; ``batch`` normalizes test
+batches with their own statistics.
 """
 
 from __future__ import annotations
@@ -33,9 +35,15 @@ def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
             except ValueError as error:
                 raise StrategyError(f"--strategies: {name!r}: {error}") from None
             continue
+        if ":" in name:
+            try:
+                ns.make_stats(name)
+            except (TypeError, ValueError) as error:
+                raise StrategyError(f"--strategies: {name!r}: {error}") from None
+            continue
         raise StrategyError(
             f"--strategies: unknown strategy {name!r}; expected some of {', '.join(DEFAULT)} "
-            f"(ema takes any momentum, as ema:0.05)"
+            f"(ema takes any momentum, as ema:0.05), or a strategy class as module:Class"
         )
     if not items:
         raise StrategyError("--strategies: expected at least one strategy, got none")
@@ -44,11 +52,11 @@ def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 def tracked(names: tuple[str, ...]) -> tuple[str, ...]:
     """The strategies kept during training."""
-    return tuple(n for n in names if n in ("cumulative", "welford") or n.startswith("ema:"))
+    return tuple(n for n in names if n in ("cumulative", "welford") or ":" in n)
 
 
 def estimator(name: str) -> Strategy:
-    """A fresh estimator for a tracked strategy."""
+    """A fresh estimator for a tracked strategy (``module:Class`` built with no arguments)."""
     if name.startswith("ema:"):
         return ns.EMA(momentum=float(name[4:]))
     return ns.make_stats(name)

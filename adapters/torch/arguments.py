@@ -75,14 +75,14 @@ def checked_nan_policy(nan_policy: object) -> str | None:
 
 
 def build_strategy(
-    stats: str | RunningStats,
+    stats: str | type[Strategy] | RunningStats,
     momentum: float | None,
     nan_policy: str | None,
     kwargs: dict[str, Any],
 ) -> tuple[Strategy | None, str]:
     """The estimator a layer runs (None for ``"batch"``) and the layer's ``nan_policy``.
 
-    For a strategy name, ``momentum`` is the EMA's (PyTorch's ``momentum=None`` is the
+    For a strategy name (or class), ``momentum`` is the EMA's (PyTorch's ``momentum=None`` is the
     cumulative average, asked for by name) and ``nan_policy`` defaults to
     :data:`DEFAULT_NAN_POLICY`. For an instance, its own settings apply: a ``nan_policy``
     that contradicts its own is refused, and the returned estimator is a fresh copy with the
@@ -90,16 +90,15 @@ def build_strategy(
     """
     momentum = checked_momentum(momentum)
     nan_policy = checked_nan_policy(nan_policy)
-    if isinstance(stats, str):
-        if stats == "ema":
-            if momentum is None:
-                raise ValueError(
-                    "momentum: None means a cumulative average in PyTorch; pass "
-                    "stats='cumulative' for it, or a momentum in (0, 1] for stats='ema'"
-                )
-            kwargs = {"momentum": momentum, **kwargs}
-        if stats != "batch":
-            kwargs = {"nan_policy": nan_policy or DEFAULT_NAN_POLICY, **kwargs}
+    if isinstance(stats, str) and stats == "ema":
+        if momentum is None:
+            raise ValueError(
+                "momentum: None means a cumulative average in PyTorch; pass "
+                "stats='cumulative' for it, or a momentum in (0, 1] for stats='ema'"
+            )
+        kwargs = {"momentum": momentum, **kwargs}
+    if isinstance(stats, str | type) and stats != "batch":  # a strategy built here
+        kwargs = {"nan_policy": nan_policy or DEFAULT_NAN_POLICY, **kwargs}
     strategy = resolve_stats(stats, **kwargs)
     if strategy is None:
         return None, nan_policy or DEFAULT_NAN_POLICY

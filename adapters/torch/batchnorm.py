@@ -157,7 +157,7 @@ class BatchNorm(_BatchNorm):
     def __init__(
         self,
         num_features: int,
-        stats: str | RunningStats = "ema",
+        stats: str | type[Strategy] | RunningStats = "ema",
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from normstats import RunningStats, Strategy
+
 from .batchnorm import BatchNorm
 
 TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -25,7 +27,9 @@ CLASS_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.
 """What a layer built directly reverts to, by the rank of the input it has seen."""
 
 
-def convert(model: nn.Module, stats: str = "welford", **kwargs: Any) -> nn.Module:
+def convert(
+    model: nn.Module, stats: str | type[Strategy] | RunningStats = "welford", **kwargs: Any
+) -> nn.Module:
     """Replace every torch BatchNorm in ``model`` (recursively, the root too) with normstats'.
 
     Carried over: ``weight``/``bias`` (``affine``, ``bias=False``), running statistics (the
@@ -81,7 +85,9 @@ def _reverted_tree(model: nn.Module) -> nn.Module:
     return model
 
 
-def _converted(layer: nn.Module, stats: str, kwargs: dict[str, Any]) -> BatchNorm:
+def _converted(
+    layer: nn.Module, stats: str | type[Strategy] | RunningStats, kwargs: dict[str, Any]
+) -> BatchNorm:
     assert isinstance(layer, nn.modules.batchnorm._BatchNorm)
     reference = layer.weight if layer.weight is not None else layer.running_mean
     settings: dict[str, Any] = {

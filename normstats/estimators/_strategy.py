@@ -55,7 +55,9 @@ class NoBatchError(ValueError, AttributeError):
     """
 
 
-@attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP)
+# Not slotted: a user may subclass it as a plain class with attributes of its own, which
+# pickling and copying then keep (a slotted base would drop them).
+@attrs.define(eq=False, repr=False, on_setattr=attrs.setters.NO_OP, slots=False)
 class Strategy:
     r"""A population-statistics strategy: a pure update rule under a stateful shell.
 
@@ -388,6 +390,8 @@ class Strategy:
                 as_flag if isinstance(setting, bool) else as_real
             )
             value = parse(f"state_dict[{prefix + key!r}]", state_dict[prefix + key])
+            if type(setting) is int and float(value).is_integer():
+                value = int(value)
             if value != setting:
                 raise ValueError(
                     f"state_dict[{prefix + key!r}]: expected {setting!r}, this estimator's "
