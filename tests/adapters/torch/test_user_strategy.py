@@ -1,11 +1,13 @@
-"""The user strategy ``LastK`` of docs/strategies.md in the PyTorch adapter.
+"""The user strategies of docs/strategies.md in the PyTorch adapter.
 
 ``LastK`` (the pooled statistics of the last ``k`` batches, :mod:`tests.user_strategies`)
 runs in the layer, through ``convert`` by its import path, ``recalibrate``, module state
-dicts and ``revert``. References are plain torch: ``nn.BatchNorm*d`` with the same weights
-for the training output, and each layer's input collected with hooks on the model as it
-was before ``convert``, reduced per channel with NumPy (the window of the last ``k``
-batches, or the whole pass for ``recalibrate``; ``test_recalibrate.py``'s helpers).
+dicts, ``revert`` and synchronized training on 2 gloo ranks; ``WithinBatch`` (mergeable)
+through ``all_reduce_stats``. References are plain torch: ``nn.BatchNorm*d`` with the same
+weights for the training output, and each layer's input collected with hooks on the model
+as it was before ``convert``, reduced per channel with NumPy (the window of the last ``k``
+batches, or the whole pass for ``recalibrate``; ``test_recalibrate.py``'s helpers). The
+ranks are spawned by ``test_distributed.py``'s machinery.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from normstats.adapters.torch import BatchNorm, convert, recalibrate, revert  # noqa: E402
 from normstats.adapters.torch.ring import SLOTS  # noqa: E402
 
 from ...helpers import assert_same_state  # noqa: E402
-from ...user_strategies import LastK  # noqa: E402
+from ...user_strategies import LastK, WithinBatch  # noqa: E402
+from .test_distributed import part, spawn  # noqa: E402
 from .test_recalibrate import (  # noqa: E402
     assert_statistics,
     collect,
@@ -319,3 +323,79 @@ def test_revert_gives_torch_batchnorm_with_the_window_statistics():
     assert not any(k.split(".")[1] == "last_k" for k in reverted.state_dict() if "." in k)
     with torch.no_grad():
         torch.testing.assert_close(reverted(x), expected, rtol=0, atol=0)
+
+
+# -- distributed: 2 gloo ranks ------------------------------------------------------------
+
+SYNC_SIZES = [[5, 2], [1, 6], [3, 3]]
+"""Each rank's batch size at each of 3 synchronized steps (uneven)."""
+
+
+def sync_steps():
+    rng = np.random.default_rng(23)
+    offset = np.array([3.0, -2.0, 0.5]).reshape(1, C, 1, 1)
+    return [
+        [rng.normal(i, 1.5, size=(n, C, 2, 2)) + offset for n in row]
+        for i, row in enumerate(SYNC_SIZES)
+    ]
+
+
+def user_streams():
+    """Two ranks' streams of (n, C) batches, of different lengths."""
+    rng = np.random.default_rng(24)
+    return [
+        [rng.normal(5.0, 2.0, size=(n, C)) for n in (4, 7, 2)],
+        [rng.normal(-1.0, 0.5, size=(n, C)) for n in (9, 3)],
+    ]
+
+
+@pytest.fixture(scope="module")
+def on_2_ranks():
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    return spawn("user_strategies", 2, sync_steps(), user_streams())
+
+
+def test_sync_last_k_is_one_process_over_the_global_batches(on_2_ranks):
+    ranks = part(on_2_ranks, "sync")
+    steps = [torch.from_numpy(np.concatenate(row)) for row in sync_steps()]
+    one_process = BatchNorm(C, stats=PATH, k=2, dtype=F64)
+    for x in steps:
+        one_process(x)
+    mean, var = window(steps, 2)
+    for rank, r in enumerate(ranks):
+        assert r["tracked"] == len(steps), rank
+        np.testing.assert_array_equal(r["running_mean"], ranks[0]["running_mean"])
+        np.testing.assert_array_equal(r["running_var"], ranks[0]["running_var"])
+        np.testing.assert_allclose(r["running_mean"], mean, **FLOAT64)
+        np.testing.assert_allclose(r["running_var"], var, **FLOAT64)
+        np.testing.assert_allclose(r["running_mean"], one_process.running_mean.numpy(), **FLOAT64)
+        np.testing.assert_allclose(r["running_var"], one_process.running_var.numpy(), **FLOAT64)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_all_reduce_within_batch_is_one_estimator_over_every_stream(on_2_ranks, kind):
+    ranks = [r[kind] for r in part(on_2_ranks, "all_reduce_stats")]
+    batches = [b for stream in user_streams() for b in stream]
+    one = WithinBatch()
+    for batch in batches:
+        one.update(batch)
+    union = np.concatenate(batches)
+    m2 = sum(((b - b.mean(axis=0)) ** 2).sum(axis=0) for b in batches)
+    for rank, r in enumerate(ranks):
+        assert r["same_object"], rank
+        assert r["kind"] == ("ndarray" if kind == "numpy" else "Tensor")
+        assert (r["count"], r["num_batches"]) == (len(union), len(batches))
+        np.testing.assert_allclose(r["mean"], one.mean, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(r["var"], one.var, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(r["mean"], union.mean(axis=0), rtol=1e-12, atol=0)
+        np.testing.assert_allclose(r["var"], m2 / (len(union) - len(batches)), rtol=1e-12)
+        np.testing.assert_array_equal(r["var"], ranks[0]["var"])
+
+
+def test_all_reduce_refuses_last_k_before_any_communication(on_2_ranks):
+    for r in part(on_2_ranks, "all_reduce_stats"):
+        assert r["last_k"].startswith("TypeError: stats: expected a strategy with an exact merge")
+        assert "LastK" in r["last_k"]
+        assert r["last_k_untouched"]
+        assert r["in_sync"]
