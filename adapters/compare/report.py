@@ -56,7 +56,9 @@ def table(records: Sequence[Record]) -> str:
             f"epoch{'s' if epochs != 1 else ''} — test accuracy %, "
             f"mean ± 95% CI over {seeds} seed{'s' if seeds != 1 else ''} (* best per column)"
         )
-        lines.append(f"{'strategy':<16}" + "".join(f"{f'b={b}':>14}" for b in sizes))
+        # the names column fits the longest name (a user's module:Class may be long)
+        width = max([16, *(len(strategy) + 2 for strategy in strategies)])
+        lines.append(f"{'strategy':<{width}}" + "".join(f"{f'b={b}':>14}" for b in sizes))
         best = {
             b: max(stats[key][0] for key in stats if key[:4] == block and key[5] == b)
             for b in sizes
@@ -71,7 +73,7 @@ def table(records: Sequence[Record]) -> str:
                 mean, half, _ = stats[key]
                 mark = "*" if mean == best[b] else " "
                 cells.append(f"{100 * mean:>7.1f}±{100 * half:<4.1f}{mark} ")
-            lines.append(f"{strategy:<16}" + "".join(cells))
+            lines.append(f"{strategy:<{width}}" + "".join(cells))
         lines.append("")
     return "\n".join(lines)
 

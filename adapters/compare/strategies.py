@@ -39,7 +39,9 @@ def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
             try:
                 ns.make_stats(name)
             except (TypeError, ValueError) as error:
-                raise StrategyError(f"--strategies: {name!r}: {error}") from None
+                # make_stats names its own parameter ("name: ..."); here it is the option's
+                reason = str(error).removeprefix("name: ")
+                raise StrategyError(f"--strategies: {name!r}: {reason}") from None
             continue
         raise StrategyError(
             f"--strategies: unknown strategy {name!r}; expected some of {', '.join(DEFAULT)} "

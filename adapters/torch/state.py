@@ -93,10 +93,11 @@ def brought_state(instance: Strategy, num_features: int) -> State | None:
             else torch.as_tensor(np.asarray(value, dtype=np.float64))
         )
         if key in instance.array_keys and tuple(tensor.shape) != shapes[key]:
+            leading = len(shapes[key]) - 1  # the strategy's own axes before the features
             raise ValueError(
                 f"stats: expected an estimator whose statistics have {num_features} features "
                 f"(num_features), got one that has seen batches of feature shape "
-                f"{tuple(tensor.shape)}"
+                f"{tuple(tensor.shape)[leading:]}"
             )
         state[key] = tensor
     return state

@@ -35,6 +35,8 @@ from normstats.adapters.torch.distributed import (  # noqa: E402
 )
 from normstats.adapters.torch.ring import SLOTS  # noqa: E402
 
+from ...user_strategies import LastK, WithinBatch  # noqa: E402
+
 TIMEOUT = datetime.timedelta(seconds=30)
 F64 = torch.float64
 IN_CHANNELS, SIDE = 2, 4
@@ -612,6 +614,24 @@ COLLECTIVES = (
 )
 
 
+def _reduced_without_collectives(stats: Any) -> str:
+    """``all_reduce_stats(stats)`` with every collective raising: its error, or "no error"."""
+    patches = [
+        mock.patch.object(dist, name, side_effect=AssertionError(f"{name} was called"))
+        for name in COLLECTIVES
+    ]
+    for patch in patches:
+        patch.start()
+    try:
+        all_reduce_stats(stats)
+        return "no error"
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        for patch in patches:
+            patch.stop()
+
+
 def stats_faults(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]]) -> Any:
     """EMA (refused before any collective) and feature shapes that differ across ranks."""
     result: dict[str, Any] = {}
@@ -620,20 +640,7 @@ def stats_faults(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]
         for batch in streams[rank]:
             ema.update(batch)
         before = dict(ema.state_dict())
-        patches = [
-            mock.patch.object(dist, name, side_effect=AssertionError(f"{name} was called"))
-            for name in COLLECTIVES
-        ]
-        for patch in patches:
-            patch.start()
-        try:
-            all_reduce_stats(ema)
-            outcome = "no error"
-        except Exception as error:
-            outcome = f"{type(error).__name__}: {error}"
-        finally:
-            for patch in patches:
-                patch.stop()
+        outcome = _reduced_without_collectives(ema)
         after = ema.state_dict()
         result["ema", debias] = outcome
         result["ema_untouched", debias] = all(
@@ -652,6 +659,51 @@ def stats_faults(rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]
         result["shapes"] = f"ValueError: {error}"
     result["shapes_untouched"] = int(stats.count) == before_count
     result["shapes_in_sync"] = _in_sync(world)
+    return result
+
+
+def sync_user_strategy(rank: int, steps: list[list[np.ndarray[Any, Any]]]) -> dict[str, Any]:
+    """``BatchNorm(sync=True)`` with docs/strategies.md's ``LastK`` (k=2, by import path)
+    trained on this rank's batch of every step: its statistics."""
+    bn = BatchNorm(steps[0][rank].shape[1], sync=True, stats="tests.user_strategies:LastK", k=2)
+    bn.to(F64)
+    for row in steps:
+        bn(torch.from_numpy(row[rank]))
+    return {
+        "running_mean": _np(bn.running_mean),
+        "running_var": _np(bn.running_var),
+        "tracked": int(bn.num_batches_tracked),
+    }
+
+
+def reduced_user_stats(
+    rank: int, world: int, streams: list[list[np.ndarray[Any, Any]]]
+) -> dict[str, Any]:
+    """``all_reduce_stats`` of docs/strategies.md's ``WithinBatch`` (NumPy and torch state),
+    and of its ``LastK``, which has no merge: the error, whether any collective ran, and
+    whether the estimator is as it was."""
+    result: dict[str, Any] = {}
+    for kind in ("numpy", "torch"):
+        stats = WithinBatch()
+        for batch in streams[rank]:
+            stats.update(torch.from_numpy(batch) if kind == "torch" else batch)
+        returned = all_reduce_stats(stats)
+        result[kind] = {
+            "same_object": returned is stats,
+            "kind": type(stats.mean).__name__,
+            "mean": _np(stats.mean),
+            "var": _np(stats.var),
+            "count": stats.count,
+            "num_batches": stats.num_batches,
+        }
+    window = LastK(k=2)
+    for batch in streams[rank]:
+        window.update(batch)
+    before = window.state_dict()
+    result["last_k"] = _reduced_without_collectives(window)
+    after = window.state_dict()
+    result["last_k_untouched"] = all(np.array_equal(before[k], after[k]) for k in before)
+    result["in_sync"] = _in_sync(world)
     return result
 
 
@@ -708,10 +760,25 @@ def dying_task(rank: int, world: int, batches: list[np.ndarray[Any, Any]]) -> An
     return _run_parts({"dying": lambda: dying_rank(rank, world, batches)})
 
 
+def user_strategies_task(
+    rank: int,
+    world: int,
+    steps: list[list[np.ndarray[Any, Any]]],
+    streams: list[list[np.ndarray[Any, Any]]],
+) -> Any:
+    return _run_parts(
+        {
+            "sync": lambda: sync_user_strategy(rank, steps),
+            "all_reduce_stats": lambda: reduced_user_stats(rank, world, streams),
+        }
+    )
+
+
 TASKS: dict[str, Callable[..., Any]] = {
     "layers": layers_task,
     "ddp": ddp_task,
     "faults": faults_task,
     "recalibration_faults": recalibration_faults_task,
     "dying": dying_task,
+    "user_strategies": user_strategies_task,
 }
