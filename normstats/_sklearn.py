@@ -112,7 +112,7 @@ def names_out(
     """The output feature names of a one-to-one transformer: the input's names."""
     if input_features is None:
         if fitted is not None:
-            return fitted.copy()
+            return np.array(fitted, dtype=object)
         return np.asarray([f"x{i}" for i in range(n_features)], dtype=object)
     given: np.ndarray[Any, np.dtype[np.object_]] = np.asarray(input_features, dtype=object)
     if given.ndim != 1 or len(given) != n_features:

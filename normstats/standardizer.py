@@ -414,9 +414,11 @@ class FeatureStatistics:
         counts = np.asarray(X.shape[0] - xp.sum(xp.astype(missing, xp.int64), axis=0))
         self._check_counts(counts, X)
         if self.shared is not None and np.ptp(counts) == 0:
-            if counts[0]:  # a feature-major compaction keeps each feature's values together
+            if counts[0] == X.shape[0]:  # no NaN: the common case
+                self.shared.update(X)  # atomic: a refused batch changes nothing
+            elif counts[0]:  # a feature-major compaction keeps each feature's values together
                 values = xp.reshape(X.T[~missing.T], (self.n_features, int(counts[0])))
-                self.shared.update(values.T)  # atomic: refused batches change nothing
+                self.shared.update(values.T)
             return
         streams = (
             _split(self._make, self.shared, self.n_features)
@@ -535,7 +537,7 @@ def _unknown_arguments(stats: object, stats_kwargs: dict[str, Any]) -> list[str]
 
 
 def _unknown_message(name: str, stats: str, where: str) -> str:
-    accepted = ["stats", "eps", *inspect.signature(STRATEGIES[stats]).parameters]
+    accepted = [*PARAMETERS, *inspect.signature(STRATEGIES[stats]).parameters]
     others = [n for n, cls in STRATEGIES.items() if name in inspect.signature(cls).parameters]
     hint = (
         f"; {name!r} is a setting of stats={others[0]!r}: to switch strategies, build a new "
