@@ -117,12 +117,13 @@ def names_out(
     given: np.ndarray[Any, np.dtype[np.object_]] = np.asarray(input_features, dtype=object)
     if given.ndim != 1 or len(given) != n_features:
         raise ValueError(
-            f"input_features: expected {n_features} names (one per feature), got {given!r}"
+            f"input_features should have length equal to the number of features: expected "
+            f"{n_features} names, got {given.tolist()}"
         )
     if fitted is not None and not np.array_equal(given, fitted):
         raise ValueError(
-            f"input_features: expected the feature names seen in fit, {list(fitted)}, "
-            f"got {list(given)}"
+            f"input_features is not equal to feature_names_in_: expected {fitted.tolist()}, "
+            f"got {given.tolist()}"
         )
     return given
 
