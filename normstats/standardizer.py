@@ -353,7 +353,7 @@ class Standardizer:
         """Fold the batch ``X`` into ``statistics`` (skipped when it holds Inf under
         ``nan_policy="skip"``); an error leaves them as they were."""
         if bool(xp.any(xp.isinf(X))):
-            if statistics.nan_policy == "skip":
+            if statistics.first.nan_policy == "skip":
                 return
             raise ValueError(
                 f"X: expected finite values or NaN (NaN are left out), got {describe(X)} with Inf"
@@ -405,8 +405,9 @@ class FeatureStatistics:
         self.per_feature: list[RunningStats] = []
 
     @property
-    def nan_policy(self) -> str:
-        return (self.shared or self.per_feature[0]).nan_policy
+    def first(self) -> RunningStats:
+        """A strategy of these statistics (they all have the same settings)."""
+        return self.shared if self.shared is not None else self.per_feature[0]
 
     def update(self, xp: Namespace, X: Array) -> None:
         """Fold in the batch ``X`` (finite values and NaN); an error changes nothing."""
@@ -434,7 +435,7 @@ class FeatureStatistics:
         self.shared, self.per_feature = None, streams
 
     def _check_counts(self, counts: np.ndarray[Any, Any], X: Array) -> None:
-        minimum = getattr(self.shared or self.per_feature[0], "min_batch_count", 1)
+        minimum = getattr(self.first, "min_batch_count", 1)
         short = np.flatnonzero((counts > 0) & (counts < minimum))
         if short.size:
             j = int(short[0])

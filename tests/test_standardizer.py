@@ -266,7 +266,9 @@ def test_make_pipeline_and_nested_set_params():
     x_train, x_test, y_train, y_test = digits_split()
     pipeline = make_pipeline(ns.Standardizer(), LogisticRegression(max_iter=2000))
     pipeline.set_params(standardizer__stats="exact", standardizer__eps=1e-3)
-    assert pipeline.named_steps["standardizer"].get_params() == {"stats": "exact", "eps": 1e-3} | FLAGS
+    assert (
+        pipeline.named_steps["standardizer"].get_params() == {"stats": "exact", "eps": 1e-3} | FLAGS
+    )
     pipeline.fit(x_train, y_train)
     assert pipeline.score(x_test, y_test) > 0.9
 

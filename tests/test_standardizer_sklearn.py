@@ -291,7 +291,7 @@ def test_feature_names_without_pandas():
     scaler = ns.Standardizer().fit(data(features=3))
     assert scaler.get_feature_names_out().tolist() == ["x0", "x1", "x2"]
     assert scaler.get_feature_names_out(["a", "b", "c"]).tolist() == ["a", "b", "c"]
-    with pytest.raises(ValueError, match=r"^input_features should have length equal to the number of features"):
+    with pytest.raises(ValueError, match=r"^input_features should have length equal"):
         scaler.get_feature_names_out(["a", "b"])
     assert not hasattr(scaler, "feature_names_in_")
 
