@@ -73,7 +73,8 @@ FEATURE_NAME_AND_OUTPUT_CHECKS = [
 @pytest.mark.parametrize("stats", ALL)
 def test_feature_name_and_output_checks(stats, name):
     # scikit-learn runs these on its own transformers only (not in check_estimator).
-    pytest.importorskip("pandas")
+    if "pandas" in name or "dataframe" in name:
+        pytest.importorskip("pandas")
     getattr(estimator_checks, name)("Standardizer", ns.Standardizer(stats=stats))
 
 
