@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 
-from ._arrays import all_finite, as_array, check_floating, describe
-from .estimators import STRATEGIES, RunningStats, make_stats
-from .estimators._pooled import PooledEstimator
+from . import _sklearn
+from ._arrays import as_array, check_floating, describe
+from .estimators import (
+    STRATEGIES,
+    ExactFullPass,
+    RunningStats,
+    Strategy,
+    Welford,
+    make_stats,
+    strategy_class,
+)
 from .typing import Array, Namespace
-from .validation import as_real
+from .validation import as_flag, as_real
 
-FITTED = ("mean_", "var_", "scale_", "n_samples_seen_", "n_features_in_")
-"""The attributes that fitting sets."""
+FITTED = ("mean_", "var_", "scale_", "n_samples_seen_", "n_features_in_", "feature_names_in_")
+"""The attributes that fitting sets (``feature_names_in_`` only for a DataFrame)."""
+PARAMETERS = ("stats", "eps", "with_mean", "with_std", "copy")
+"""The Standardizer's own parameters; the chosen strategy's arguments come after them."""
 
 
 class Standardizer:
@@ -34,30 +47,54 @@ class Standardizer:
     ``scale_`` is ``sqrt(var_ + eps)``, with 1 for constant features (as scikit-learn does).
     The statistics are computed in float64 whatever the input's dtype; ``transform`` and
     ``inverse_transform`` compute in float64 too and return the input's floating dtype
-    (float32 stays float32; integer and bool input gives float64). They refuse NaN and Inf,
-    which ``fit`` refuses too, so no NaN leaves them unannounced.
+    (float32 stays float32; integer and bool input gives float64).
 
-    It follows scikit-learn's estimator API: ``get_params`` / ``set_params`` (so
-    ``sklearn.base.clone`` and ``sklearn.pipeline.Pipeline`` accept it), attributes ending in
-    ``_`` after fitting, and ``NotFittedError`` (a ``ValueError`` without scikit-learn) when
-    transforming before any fit. scikit-learn itself is never imported to do this.
+    NaN are missing values, as in scikit-learn: left out of the statistics feature by feature
+    (each feature's statistics are those of its non-NaN values, and ``n_samples_seen_``
+    becomes an array of per-feature counts once they differ), and passed through as NaN by
+    ``transform`` and ``inverse_transform``. For ``"cumulative"`` and ``"ema"`` a batch
+    counts for a feature only if it has values of it: a feature whose values in a batch are
+    all NaN keeps its estimate (the EMA does not decay it), and one with a single value
+    there is refused (its batch variance is undefined). A feature without any value has
+    NaN statistics. Inf is an error (a batch with Inf is skipped instead under the
+    strategy's ``nan_policy="skip"``).
 
-    Parameter changes follow scikit-learn's conventions. A name that is neither ``stats``,
-    ``eps`` nor an argument of the chosen strategy is refused at once (``TypeError`` from
-    the constructor, ``ValueError`` from :meth:`set_params`); values are checked when fitting,
-    so that search tools can set any value and get the error from ``fit``. ``set_params``
-    never changes the fitted attributes. Between :meth:`partial_fit` calls, a new ``eps``
-    keeps the statistics and only changes ``scale_`` from the next call on; a new ``stats``
-    or strategy argument cannot carry the statistics over, so ``partial_fit`` raises a
-    ``ValueError`` until :meth:`fit` starts afresh (or the old setting is put back). Any
-    error leaves the fitted state exactly as it was.
+    It follows scikit-learn's estimator API without importing scikit-learn to do so:
+    ``get_params`` / ``set_params`` (so ``sklearn.base.clone`` and
+    ``sklearn.pipeline.Pipeline`` accept it), attributes ending in ``_`` after fitting,
+    ``feature_names_in_`` after fitting a pandas DataFrame, ``get_feature_names_out``,
+    ``set_output(transform="pandas")``, and ``NotFittedError`` (a ``ValueError`` without
+    scikit-learn) when transforming before any fit. It passes every check of
+    ``sklearn.utils.estimator_checks.check_estimator`` for every built-in strategy.
+
+    Parameter changes follow scikit-learn's conventions. A name that is neither one of the
+    parameters below nor an argument of the chosen strategy is refused at once
+    (``TypeError`` from the constructor, ``ValueError`` from :meth:`set_params`); values are
+    checked when fitting, so that search tools can set any value and get the error from
+    ``fit``. ``set_params`` never changes the fitted attributes. Between :meth:`partial_fit`
+    calls, a new ``eps`` keeps the statistics and only changes ``scale_`` from the next
+    call on; a new ``stats`` or strategy argument cannot carry the statistics over, so
+    ``partial_fit`` raises a ``ValueError`` until :meth:`fit` starts afresh (or the old
+    setting is put back). Any error leaves the fitted state exactly as it was.
 
     Parameters
     ----------
-    stats : str
-        ``"welford"``, ``"exact"``, ``"cumulative"`` or ``"ema"``.
+    stats : str, Strategy subclass or Strategy instance
+        ``"welford"``, ``"exact"``, ``"cumulative"`` or ``"ema"``; a strategy of your own as
+        ``"module:Class"``, its class (built with the strategy arguments) or an instance
+        (each fit starts from a fresh copy of it, with its settings and no state).
     eps : float
         Added to the variance before the square root: a finite, non-negative number.
+    with_mean : bool
+        Subtract ``mean_`` in ``transform`` (and add it back in ``inverse_transform``);
+        False leaves the data's mean in place. The statistics are estimated either way.
+    with_std : bool
+        Divide by ``scale_`` in ``transform`` (multiply in ``inverse_transform``); False
+        divides by nothing.
+    copy : bool
+        False lets ``transform`` and ``inverse_transform`` write their result into ``X``
+        when ``X`` is a writeable NumPy array of the result's dtype, and return ``X``
+        (the result is computed first, so an error leaves ``X`` as it was).
     **stats_kwargs
         Passed to the strategy, e.g. ``momentum=0.01`` for ``"ema"``.
 
@@ -73,59 +110,75 @@ class Standardizer:
     True
     >>> scaler.transform(X.astype(np.float32)).dtype
     dtype('float32')
+    >>> scaler.fit([[1.0, np.nan], [3.0, 4.0], [5.0, 6.0]]).n_samples_seen_.tolist()
+    [3, 2]
     """
 
-    def __init__(self, stats: str = "welford", eps: float = 0.0, **stats_kwargs: Any) -> None:
+    def __init__(
+        self,
+        stats: str | type[Strategy] | Strategy = "welford",
+        eps: float = 0.0,
+        *,
+        with_mean: bool = True,
+        with_std: bool = True,
+        copy: bool = True,
+        **stats_kwargs: Any,
+    ) -> None:
         unknown = _unknown_arguments(stats, stats_kwargs)
         if unknown:
             raise TypeError(_unknown_message(unknown[0], stats, "Standardizer()"))
         self.stats = stats
         self.eps = eps
-        self.stats_kwargs = stats_kwargs
-        self._estimator: RunningStats | None = None
+        self.with_mean = with_mean
+        self.with_std = with_std
+        self.copy = copy
+        self._stats_kwargs = stats_kwargs
+        self._statistics: FeatureStatistics | None = None
         self._built_with: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         params = ", ".join(f"{key}={value!r}" for key, value in self.get_params().items())
         return f"Standardizer({params})"
 
+    @property
+    def stats_kwargs(self) -> dict[str, Any]:
+        """The strategy's arguments (a copy: change them with :meth:`set_params`)."""
+        return dict(self._stats_kwargs)
+
     # -- scikit-learn's parameter protocol ---------------------------------------------
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """Constructor parameters by name (strategy arguments included)."""
-        return {"stats": self.stats, "eps": self.eps, **self.stats_kwargs}
+        return {name: getattr(self, name) for name in PARAMETERS} | self._stats_kwargs
 
     def set_params(self, **params: Any) -> Standardizer:
         """Set constructor parameters; the fitted attributes stay until the next fit.
 
-        Raises ``ValueError`` naming a parameter that is neither ``stats``, ``eps`` nor an
-        argument of the strategy chosen after the call, and then changes nothing.
+        Raises ``ValueError`` naming a parameter that is neither one of the Standardizer's
+        nor an argument of the strategy chosen after the call, and then changes nothing.
         """
         stats = params.get("stats", self.stats)
-        stats_kwargs = {**self.stats_kwargs}
-        stats_kwargs.update({k: v for k, v in params.items() if k not in ("stats", "eps")})
+        stats_kwargs = self._stats_kwargs | {
+            key: value for key, value in params.items() if key not in PARAMETERS
+        }
         unknown = _unknown_arguments(stats, stats_kwargs)
         if unknown:
             raise ValueError(_unknown_message(unknown[0], stats, "set_params"))
-        self.stats = stats
-        self.eps = params.get("eps", self.eps)
-        self.stats_kwargs = stats_kwargs
+        for name in PARAMETERS:
+            setattr(self, name, params.get(name, getattr(self, name)))
+        self._stats_kwargs = stats_kwargs
         return self
 
     def __sklearn_is_fitted__(self) -> bool:
-        return self._estimator is not None and self._estimator.count > 0
+        return hasattr(self, "n_features_in_")
 
     def __sklearn_tags__(self) -> Any:
-        """scikit-learn's estimator tags: an unsupervised transformer (only scikit-learn calls
-        this, so it imports scikit-learn)."""
-        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
+        """scikit-learn's estimator tags (only scikit-learn calls this)."""
+        return _sklearn.transformer_tags()
 
-        return Tags(
-            estimator_type=None,
-            target_tags=TargetTags(required=False),
-            transformer_tags=TransformerTags(preserves_dtype=["float64", "float32"]),
-            input_tags=InputTags(),
-        )
+    def _more_tags(self) -> dict[str, Any]:
+        """The same tags for scikit-learn before 1.6."""
+        return {"allow_nan": True, "preserves_dtype": [np.float64, np.float32]}
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -134,12 +187,13 @@ class Standardizer:
 
         The feature count may differ from an earlier fit's.
         """
-        _, X, _ = self._checked(X, "X", same_features=False)
+        xp, X, _, names = self._checked(X, fitting=True, reset=True)
         eps = self._checked_eps()
-        estimator = self._new_estimator()
-        estimator.update(X, axis=0)
-        self._estimator, self._built_with = estimator, self._strategy_params()
-        self._publish(estimator, eps)
+        self._checked_flags()
+        statistics = FeatureStatistics(self._strategy_factory(), X.shape[1])
+        self._fold(statistics, xp, X)
+        self._statistics, self._built_with = statistics, self._strategy_params()
+        self._publish(statistics, eps, names)
         return self
 
     def partial_fit(self, X: Array, y: object = None) -> Standardizer:
@@ -148,12 +202,14 @@ class Standardizer:
         Raises ``ValueError`` when ``stats`` or a strategy argument changed since the
         statistics were started (they cannot be carried over; :meth:`fit` starts afresh).
         """
-        _, X, _ = self._checked(X, "X")
+        reset = not self.__sklearn_is_fitted__()
+        xp, X, _, names = self._checked(X, fitting=True, reset=reset)
         eps = self._checked_eps()
+        self._checked_flags()
         params = self._strategy_params()
-        estimator = self._estimator
-        if estimator is None or estimator.count == 0:
-            estimator = self._new_estimator()
+        statistics = self._statistics
+        if reset or statistics is None:
+            statistics = FeatureStatistics(self._strategy_factory(), X.shape[1])
         else:
             changed = _changed(self._built_with or {}, params)
             if changed:
@@ -162,12 +218,10 @@ class Standardizer:
                     "carried over to another strategy or setting. Call fit() to start afresh, "
                     "or set the old value back."
                 )
-        try:
-            estimator.update(X, axis=0)
-        except (TypeError, ValueError) as error:
-            raise _renamed(error, "x", "X") from None
-        self._estimator, self._built_with = estimator, params
-        self._publish(estimator, eps)
+            names = getattr(self, "feature_names_in_", None)
+        self._fold(statistics, xp, X)
+        self._statistics, self._built_with = statistics, params
+        self._publish(statistics, eps, names)
         return self
 
     def fit_transform(self, X: Array, y: object = None) -> Array:
@@ -176,38 +230,85 @@ class Standardizer:
 
     # -- transforming ----------------------------------------------------------------------
 
-    def transform(self, X: Array) -> Array:
-        """``(X - mean_) / scale_``, computed in float64, in ``X``'s floating dtype."""
-        self._check_fitted("transform")
-        xp, X, dtype = self._checked(X, "X", finite=True)
-        X = xp.astype(X, xp.float64, copy=False)
-        return _in_dtype(xp, (X - self.mean_) / self.scale_, dtype)
+    def transform(self, X: Array, copy: bool | None = None) -> Array:
+        """``(X - mean_) / scale_``, computed in float64, in ``X``'s floating dtype.
 
-    def inverse_transform(self, X: Array) -> Array:
+        NaN stay NaN. ``with_mean=False`` leaves out the subtraction and ``with_std=False``
+        the division; ``copy`` (default: the ``copy`` parameter) as in the constructor.
+        """
+        return self._transformed(X, copy, "transform")
+
+    def inverse_transform(self, X: Array, copy: bool | None = None) -> Array:
         """``X * scale_ + mean_``: back to the original units (computed as ``transform``)."""
-        self._check_fitted("inverse_transform")
-        xp, X, dtype = self._checked(X, "X", finite=True)
-        X = xp.astype(X, xp.float64, copy=False)
-        return _in_dtype(xp, X * self.scale_ + self.mean_, dtype)
+        return self._transformed(X, copy, "inverse_transform")
+
+    def get_feature_names_out(
+        self, input_features: object = None
+    ) -> np.ndarray[Any, np.dtype[np.object_]]:
+        """The names of the output features: those of the input (``feature_names_in_``
+        after fitting a DataFrame, else ``x0``, ``x1``, ...), one for one."""
+        self._check_fitted("get_feature_names_out")
+        fitted = getattr(self, "feature_names_in_", None)
+        return _sklearn.names_out(fitted, self.n_features_in_, input_features)
+
+    def set_output(self, *, transform: str | None = None) -> Standardizer:
+        """Choose what ``transform``, ``inverse_transform`` and ``fit_transform`` return:
+        ``"pandas"`` (a DataFrame with the output feature names as columns; pandas must be
+        installed), ``"default"`` (arrays, or scikit-learn's global ``transform_output``
+        setting) or None (no change)."""
+        if transform is not None:
+            _sklearn.check_output(transform)
+            self._sklearn_output_config = {"transform": transform}
+        return self
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _transformed(self, X: Array, copy: bool | None, method: str) -> Array:
+        self._check_fitted(method)
+        copy = as_flag("copy", self.copy if copy is None else copy)
+        with_mean, with_std = self._checked_flags()
+        original = X
+        xp, X, dtype, _ = self._checked(X)
+        result = xp.astype(X, xp.float64, copy=False)
+        if method == "transform":
+            result = result - self.mean_ if with_mean else result
+            result = result / self.scale_ if with_std else result
+        else:
+            result = result * self.scale_ if with_std else result
+            result = result + self.mean_ if with_mean else result
+        result = _in_dtype(xp, result, dtype)
+        if not copy and _writes_into(X, result):
+            X[...] = result
+            result = X
+        elif result is X:  # neither centred nor scaled: still a new array
+            result = xp.asarray(X, copy=True)
+        container = _sklearn.output_container(getattr(self, "_sklearn_output_config", None))
+        if container == "default":
+            return result
+        return _sklearn.wrapped(result, original, self.get_feature_names_out(), container)
+
     def _strategy_params(self) -> dict[str, Any]:
         """What the statistics depend on: the strategy and its arguments (``eps`` does not)."""
-        return {"stats": self.stats, **self.stats_kwargs}
+        return {"stats": self.stats, **self._stats_kwargs}
 
-    def _new_estimator(self) -> RunningStats:
-        if not isinstance(self.stats, str):
-            raise TypeError(
-                f"stats: expected a strategy name, one of {sorted(STRATEGIES)}, got "
-                f"{type(self.stats).__name__} {self.stats!r}"
-            )
-        if self.stats not in STRATEGIES:
-            raise ValueError(f"stats: expected one of {sorted(STRATEGIES)}, got {self.stats!r}")
-        unknown = _unknown_arguments(self.stats, self.stats_kwargs)
+    def _strategy_factory(self) -> Callable[[], RunningStats]:
+        """A function that builds the strategy, once its name and arguments are checked."""
+        if isinstance(self.stats, Strategy):
+            if self._stats_kwargs:
+                raise ValueError(
+                    f"stats: strategy arguments {sorted(self._stats_kwargs)} apply to a "
+                    f"strategy name or class, not to the instance {self.stats!r}"
+                )
+            return functools.partial(_fresh_copy, self.stats)
+        try:
+            cls = strategy_class(self.stats)
+        except (TypeError, ValueError) as error:
+            message = str(error).removeprefix("name: ")
+            raise type(error)(f"stats: {message}") from None
+        unknown = _unknown_arguments(cls, self._stats_kwargs)
         if unknown:
-            raise ValueError(_unknown_message(unknown[0], self.stats, "fit"))
-        return make_stats(self.stats, **self.stats_kwargs)
+            raise ValueError(_unknown_message(unknown[0], cls, "fit"))
+        return functools.partial(make_stats, cls, **self._stats_kwargs)
 
     def _checked_eps(self) -> float:
         eps = as_real("eps", self.eps)
@@ -215,80 +316,265 @@ class Standardizer:
             raise ValueError(f"eps: expected a finite non-negative number, got {self.eps!r}")
         return eps
 
+    def _checked_flags(self) -> tuple[bool, bool]:
+        as_flag("copy", self.copy)
+        return as_flag("with_mean", self.with_mean), as_flag("with_std", self.with_std)
+
     def _checked(
-        self, X: Array, name: str, *, same_features: bool = True, finite: bool = False
-    ) -> tuple[Namespace, Array, Any]:
-        """``(namespace, X, output dtype)``: integer and bool ``X`` come back as float64."""
-        if isinstance(X, np.matrix | np.ma.MaskedArray):
-            # np.matrix makes * a matrix product; a masked array's mask would be ignored.
-            kind = "np.matrix" if isinstance(X, np.matrix) else "masked array"
-            raise TypeError(
-                f"{name}: expected a plain array, got a {kind}; pass np.asarray(X)"
-                + ("" if kind == "np.matrix" else " after filling or dropping the masked values")
-            )
-        xp, X = as_array(X, name)
+        self, X: Array, *, fitting: bool = False, reset: bool = False
+    ) -> tuple[Namespace, Array, Any, Any]:
+        """``(namespace, X, output dtype, feature names)``: integer, bool and object ``X``
+        come back as float64, the feature names are a DataFrame's string column names."""
+        X_in, X = X, _dense(X)
+        names = _sklearn.feature_names(X_in)
+        xp, X = as_array(X, "X")
+        if isinstance(X, np.ndarray) and X.dtype == np.object_:
+            X = _numbers(X)
         if X.ndim != 2:
             raise ValueError(
-                f"{name}: expected a 2-D array (n_samples, n_features), got {describe(X)}"
+                f"X: expected a 2-D array (n_samples, n_features), got {describe(X)}. Reshape "
+                "your data with X.reshape(-1, 1) if it has a single feature or "
+                "X.reshape(1, -1) if it is a single sample"
+            )
+        if xp.isdtype(X.dtype, "complex floating"):
+            raise _ComplexDataError(
+                f"X: Complex data not supported: expected real numbers, got {describe(X)}"
             )
         if not xp.isdtype(X.dtype, "real floating"):
             if not xp.isdtype(X.dtype, ("integral", "bool")):
-                check_floating(xp, X, name)  # raises with the dtype that arrived
+                check_floating(xp, X, "X")  # raises with the dtype that arrived
             X = xp.astype(X, xp.float64)
-        fitted = getattr(self, "n_features_in_", None) if same_features else None
-        if fitted is not None and X.shape[1] != fitted:
-            raise ValueError(f"{name}: expected {fitted} features, got {describe(X)}")
-        if finite and not all_finite(xp, X):
-            raise ValueError(f"{name}: expected finite values, got {describe(X)} with NaN or Inf")
-        return xp, X, X.dtype
+        if X.shape[1] == 0:
+            raise ValueError(
+                f"X: expected at least one feature, got 0 feature(s) (shape={tuple(X.shape)}) "
+                "while a minimum of 1 is required."
+            )
+        if fitting and X.shape[0] == 0:
+            raise ValueError(f"X: expected at least one sample, got {describe(X)}")
+        if not reset:
+            fitted = getattr(self, "feature_names_in_", None)
+            _sklearn.check_feature_names(fitted, names, type(self).__name__)
+            expected = self.n_features_in_
+            if X.shape[1] != expected:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{expected} features as input: expected an array of shape (n_samples, "
+                    f"{expected}), got {describe(X)}"
+                )
+        if not fitting and bool(xp.any(xp.isinf(X))):
+            raise ValueError(f"X: expected finite values or NaN, got {describe(X)} with Inf")
+        return xp, X, X.dtype, names
 
-    def _publish(self, estimator: RunningStats, eps: float) -> None:
-        """Compute the fitted attributes scikit-learn users read (none before a sample)."""
-        if estimator.count == 0:  # every batch skipped under nan_policy="skip"
-            for name in FITTED:
-                self.__dict__.pop(name, None)
+    def _fold(self, statistics: FeatureStatistics, xp: Namespace, X: Array) -> None:
+        """Fold the batch ``X`` into ``statistics`` (skipped when it holds Inf under
+        ``nan_policy="skip"``); an error leaves them as they were."""
+        if bool(xp.any(xp.isinf(X))):
+            if statistics.first.nan_policy == "skip":
+                return
+            raise ValueError(
+                f"X: expected finite values or NaN (NaN are left out), got {describe(X)} with Inf"
+            )
+        try:
+            statistics.update(xp, X)
+        except (TypeError, ValueError) as error:
+            raise _renamed(error, "x", "X") from None
+
+    def _publish(self, statistics: FeatureStatistics, eps: float, names: Any) -> None:
+        """Compute the fitted attributes scikit-learn users read (none before a value)."""
+        mean, var, counts = statistics.summary()
+        for name in FITTED:
+            self.__dict__.pop(name, None)
+        if not np.any(counts):  # nothing seen: every value NaN, or a skipped batch
             return
-        if isinstance(estimator, PooledEstimator):
-            moments = estimator.moments
-            var = moments.var(ddof=0)
-        else:
-            var = estimator.var
-        mean = estimator.mean
         scale = (var + eps) ** 0.5
-        constant = _constant_features(mean, var, estimator.count)
+        constant = _constant_features(mean, var, counts)
         self.mean_ = mean
         self.var_ = var
         self.scale_ = scale * ~constant + constant
-        self.n_samples_seen_ = estimator.count
-        self.n_features_in_ = int(getattr(mean, "shape", (1,))[0])
+        self.n_samples_seen_ = int(counts[0]) if np.ptp(counts) == 0 else counts
+        self.n_features_in_ = int(counts.shape[0])
+        if names is not None:
+            self.feature_names_in_ = names
 
     def _check_fitted(self, method: str) -> None:
-        if self.__sklearn_is_fitted__():
+        if not self.__sklearn_is_fitted__():
+            raise _sklearn.not_fitted_error(
+                f"This Standardizer instance is not fitted yet: call fit() or partial_fit() "
+                f"before {method}()."
+            )
+
+
+class FeatureStatistics:
+    """The running statistics of every feature of a stream, each from its non-NaN values.
+
+    One strategy holds all features while every batch has given each feature as many values
+    (the common case, one update per batch). The first batch whose NaN leave the features
+    with different counts splits it into one strategy per feature, each carrying on from its
+    slice of the shared state (the state arrays end with the feature axis) and fed that
+    feature's values from then on: one update per feature and batch.
+    """
+
+    def __init__(self, make: Callable[[], RunningStats], n_features: int) -> None:
+        self._make = make
+        self.n_features = n_features
+        self.shared: RunningStats | None = make()
+        self.per_feature: list[RunningStats] = []
+
+    @property
+    def first(self) -> RunningStats:
+        """A strategy of these statistics (they all have the same settings)."""
+        return self.shared if self.shared is not None else self.per_feature[0]
+
+    def update(self, xp: Namespace, X: Array) -> None:
+        """Fold in the batch ``X`` (finite values and NaN); an error changes nothing."""
+        missing = xp.isnan(X)
+        counts = np.asarray(X.shape[0] - xp.sum(xp.astype(missing, xp.int64), axis=0))
+        self._check_counts(counts, X)
+        if self.shared is not None and np.ptp(counts) == 0:
+            if counts[0] == X.shape[0]:  # no NaN: the common case
+                self.shared.update(X)  # atomic: a refused batch changes nothing
+            elif counts[0]:  # a feature-major compaction keeps each feature's values together
+                values = xp.reshape(X.T[~missing.T], (self.n_features, int(counts[0])))
+                self.shared.update(values.T)
             return
-        message = (
-            f"This Standardizer instance is not fitted yet: call fit() or partial_fit() "
-            f"before {method}()."
+        streams = (
+            _split(self._make, self.shared, self.n_features)
+            if self.shared is not None
+            else [
+                _copied(self._make, stream) if count else stream
+                for stream, count in zip(self.per_feature, counts, strict=True)
+            ]
         )
-        try:
-            from sklearn.exceptions import NotFittedError
-        except ImportError:
-            raise ValueError(message) from None
-        raise NotFittedError(message)
+        for j, stream in enumerate(streams):
+            if counts[j]:
+                stream.update(xp.reshape(X[:, j][~missing[:, j]], (-1, 1)))
+        self.shared, self.per_feature = None, streams
+
+    def _check_counts(self, counts: np.ndarray[Any, Any], X: Array) -> None:
+        minimum = getattr(self.first, "min_batch_count", 1)
+        short = np.flatnonzero((counts > 0) & (counts < minimum))
+        if short.size:
+            j = int(short[0])
+            raise ValueError(
+                f"X: expected at least {minimum} non-NaN values per feature in a batch (the "
+                f"strategy's batch statistics need them), got {int(counts[j])} sample(s) "
+                f"in feature {j} ({describe(X)})"
+            )
+
+    def summary(self) -> tuple[Array, Array, np.ndarray[Any, np.dtype[np.int64]]]:
+        """Per-feature ``(mean, var, count)``: ``var`` the population variance (ddof=0) of
+        the pooled strategies, the strategy's own estimate otherwise; NaN without values."""
+        if self.shared is not None:
+            mean, var = _mean_and_var(self.shared)
+            return mean, var, np.full(self.n_features, self.shared.count, dtype=np.int64)
+        parts = [_mean_and_var(stream) for stream in self.per_feature]
+        counts = np.asarray([stream.count for stream in self.per_feature], dtype=np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), counts
+
+
+def _mean_and_var(stream: RunningStats) -> tuple[Array, Array]:
+    if stream.count == 0:
+        return np.full(1, np.nan), np.full(1, np.nan)  # broadcast to the feature shape
+    if isinstance(stream, Welford | ExactFullPass):
+        return stream.mean, stream.moments.var(ddof=0)
+    return cast(Array, stream.mean), cast(Array, stream.var)
+
+
+def _copied(make: Callable[[], RunningStats], stream: RunningStats) -> RunningStats:
+    copy = make()
+    copy.load_state_dict(stream.state_dict())
+    return copy
+
+
+def _split(
+    make: Callable[[], RunningStats], shared: RunningStats, n_features: int
+) -> list[RunningStats]:
+    """One strategy per feature, each with its feature's slice of ``shared``'s state."""
+    state = shared.state_dict()
+    streams = []
+    for j in range(n_features):
+        stream = make()
+        stream.load_state_dict(
+            {
+                k: cast(Array, v)[..., j : j + 1] if getattr(v, "ndim", 0) else v
+                for k, v in state.items()
+            }
+        )
+        streams.append(stream)
+    return streams
+
+
+class _ComplexDataError(TypeError, ValueError):
+    """Complex ``X``: a ``TypeError`` (a wrong dtype), and the ``ValueError`` scikit-learn
+    raises for complex data."""
+
+
+def _dense(X: object) -> object:
+    """``X``, unless it is a SciPy sparse array or matrix (refused: centring makes it dense)."""
+    if type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError(
+            f"X: expected a dense array, got a sparse {type(X).__name__} of shape "
+            f"{getattr(X, 'shape', '?')}; sparse input is not supported: pass X.toarray()"
+        )
+    if isinstance(X, np.matrix | np.ma.MaskedArray):
+        # np.matrix makes * a matrix product; a masked array's mask would be ignored.
+        kind = "np.matrix" if isinstance(X, np.matrix) else "masked array"
+        raise TypeError(
+            f"X: expected a plain array, got a {kind}; pass np.asarray(X)"
+            + ("" if kind == "np.matrix" else " after filling or dropping the masked values")
+        )
+    return X
+
+
+def _numbers(X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """An object array of numbers as float64 (as scikit-learn reads it)."""
+    try:
+        return X.astype(np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"X: expected an array of numbers, got an object array of shape {X.shape} holding "
+            f"another value ({error})"
+        ) from None
+
+
+def _writes_into(X: Array, result: Array) -> bool:
+    """Whether ``result`` can be written into ``X`` (a writeable NumPy array of its dtype)."""
+    return type(X) is np.ndarray and X.flags.writeable and X.dtype == result.dtype
+
+
+def _known_class(stats: object) -> type[Strategy] | None:
+    """The strategy class ``stats`` means when that is known without importing anything: a
+    built-in name or a class (a ``"module:Class"`` path is imported when fitting)."""
+    if isinstance(stats, str):
+        return STRATEGIES.get(stats)
+    if isinstance(stats, type) and issubclass(stats, Strategy):
+        return stats
+    return None
 
 
 def _unknown_arguments(stats: object, stats_kwargs: dict[str, Any]) -> list[str]:
-    """The strategy arguments that the strategy named ``stats`` does not take.
+    """The strategy arguments that the strategy ``stats`` means does not take.
 
-    Nothing is known to be wrong while ``stats`` names no strategy: fitting reports that.
+    Nothing is known to be wrong while ``stats`` names no known strategy: fitting reports that.
     """
-    if not isinstance(stats, str) or stats not in STRATEGIES:
+    cls = _known_class(stats)
+    if cls is None:
         return []
-    accepted = inspect.signature(STRATEGIES[stats]).parameters
+    accepted = inspect.signature(cls).parameters
     return [name for name in stats_kwargs if name not in accepted]
 
 
-def _unknown_message(name: str, stats: str, where: str) -> str:
-    accepted = ["stats", "eps", *inspect.signature(STRATEGIES[stats]).parameters]
+def _fresh_copy(strategy: Strategy) -> Strategy:
+    """A copy of ``strategy`` with its settings and no state (the instance is not touched)."""
+    fresh = copy.deepcopy(strategy)
+    fresh.reset()
+    return fresh
+
+
+def _unknown_message(name: str, stats: object, where: str) -> str:
+    cls = _known_class(stats)
+    assert cls is not None  # only called for the arguments of a known strategy
+    accepted = [*PARAMETERS, *inspect.signature(cls).parameters]
     others = [n for n, cls in STRATEGIES.items() if name in inspect.signature(cls).parameters]
     hint = (
         f"; {name!r} is a setting of stats={others[0]!r}: to switch strategies, build a new "
@@ -297,7 +583,8 @@ def _unknown_message(name: str, stats: str, where: str) -> str:
         else ""
     )
     return (
-        f"{where}: invalid parameter {name!r} for a Standardizer with stats={stats!r}: "
+        f"{where}: invalid parameter {name!r} for a Standardizer with stats="
+        f"{stats if isinstance(stats, str) else cls.__name__!r}: "
         f"expected one of {accepted}, got {name!r}{hint}"
     )
 
@@ -324,13 +611,13 @@ def _equal(a: object, b: object) -> bool:
 
 def _in_dtype(xp: Namespace, result: Array, dtype: Any) -> Array:
     """``result`` (float64) cast to ``dtype``; a value that overflows it raises."""
-    if not bool(xp.all(xp.abs(result) <= float(xp.finfo(dtype).max))):  # False for NaN too
+    if bool(xp.any(xp.abs(result) > float(xp.finfo(dtype).max))):  # NaN pass
         name = str(dtype).removeprefix("torch.")
         raise ValueError(f"X: expected values whose result fits in {name}, got ones that overflow")
     return xp.astype(result, dtype, copy=False)
 
 
-def _constant_features(mean: Array, var: Array, count: int) -> Array:
+def _constant_features(mean: Array, var: Array, count: Array | int) -> Array:
     """Features whose variance is within rounding of zero (scikit-learn's bound)."""
     eps = np.finfo(np.float64).eps
     return var <= count * eps * var + (count * mean * eps) ** 2

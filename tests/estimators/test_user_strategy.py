@@ -456,9 +456,6 @@ def test_numpy_batchnorm_builds_last_k_from_its_path():
     assert layer.stats.k == 2
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Standardizer takes only strategy names until the sklearn branch merges"
-)
 def test_standardizer_with_last_k_uses_the_window():
     xs = stream(SIZES, seed=15)
     scaler = ns.Standardizer(stats=LastK(k=3))
@@ -469,3 +466,40 @@ def test_standardizer_with_last_k_uses_the_window():
     np.testing.assert_allclose(scaler.var_, var, rtol=RTOL)  # the strategy's own estimate
     union = np.concatenate(xs[-3:])
     np.testing.assert_allclose(scaler.transform(union).mean(axis=0), 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: ns.Standardizer(stats=LastK, k=3),
+        lambda: ns.Standardizer(stats="tests.user_strategies:LastK", k=3),
+        lambda: ns.Standardizer(stats=LastK(k=3)),
+    ],
+    ids=["class", "path", "instance"],
+)
+def test_standardizer_takes_a_user_strategy_as_class_path_or_instance(build):
+    xs = stream(SIZES, seed=16)
+    scaler = build()
+    for x in xs:
+        scaler.partial_fit(x)
+    mean, var = window(xs, 3)
+    np.testing.assert_allclose(scaler.mean_, mean, rtol=RTOL)
+    np.testing.assert_allclose(scaler.var_, var, rtol=RTOL)
+
+
+def test_standardizer_fits_a_fresh_copy_of_an_instance():
+    given = LastK(k=2)
+    scaler = ns.Standardizer(stats=given).fit(stream(SIZES, seed=17)[0])
+    assert given.num_batches == 0  # the instance is a setting, not the fitted state
+    assert scaler.get_params()["stats"] is given
+    refit = ns.Standardizer(stats=given).fit(stream(SIZES, seed=17)[1])
+    assert refit.n_samples_seen_ == SIZES[1]
+
+
+def test_standardizer_refuses_wrong_user_strategy_arguments():
+    with pytest.raises(TypeError, match="invalid parameter 'window'"):
+        ns.Standardizer(stats=LastK, window=3)
+    with pytest.raises(ValueError, match="apply to a strategy name or class"):
+        ns.Standardizer(stats=LastK(k=2), k=3).fit(stream(SIZES, seed=18)[0])
+    with pytest.raises(ValueError, match=r"^stats: .*cannot import module 'nope'"):
+        ns.Standardizer(stats="nope:LastK").fit(stream(SIZES, seed=18)[0])
