@@ -42,6 +42,7 @@ their pools. This module imports no framework.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import numbers
 import warnings
@@ -52,9 +53,19 @@ from normstats import ExactFullPass, Moments
 
 Layer = TypeVar("Layer")
 
-Observe = Callable[[Layer, Any], bool]
-"""Called with a calibrated layer and its input array, before the layer runs; True means
-that the forward may stop there (nothing downstream of the layer is needed)."""
+Observe = Callable[[Layer, Any], "Moments | None"]
+"""Called with a calibrated layer and its input array, before the layer runs. It pools the
+input and returns its moments (count, mean and M2 over the sample axes, float64, in the
+input's namespace; None when the input brought none: no samples, or NaN or Inf that its
+layer skips), so that the layer can normalize with them instead of reducing the batch again.
+It raises :class:`StopForward` when nothing downstream of the layer is needed."""
+
+
+class StopForward(Exception):  # noqa: N818 - a signal, not an error
+    """Ends a forward early (a layer-by-layer pass, at the input of its layer).
+
+    :func:`recalibrate` catches it, so an adapter's forward only has to let it through.
+    """
 
 
 class Network(abc.ABC, Generic[Layer]):
@@ -104,8 +115,8 @@ class Network(abc.ABC, Generic[Layer]):
     @abc.abstractmethod
     def forward(self, inputs: Any, observe: Observe[Layer]) -> None:
         """Run the model on one batch's ``inputs``, calling ``observe`` with each calibrated
-        layer and its input before the layer runs; stop there when it returns True (and
-        anywhere no calibrated layer is left downstream)."""
+        layer and its input before the layer runs, and letting :class:`StopForward` through
+        (it may also stop where no calibrated layer is left downstream)."""
 
     @abc.abstractmethod
     def load(self, layer: Layer, moments: Moments, num_batches_skipped: int) -> None:
@@ -210,20 +221,21 @@ class _Batch(Generic[Layer]):
 
     def __init__(self, network: Network[Layer], index: int) -> None:
         self.network, self.index = network, index
-        self.parts: dict[Layer, ExactFullPass] = {}
+        self.parts: dict[Layer, list[Moments]] = {}
         self.finite = True
 
-    def observe(self, layer: Layer, x: Any) -> bool:
-        """Pool ``x`` into ``layer``'s part (a layer may run twice in a forward); False: one
-        pass never stops the forward at a layer."""
+    def observe(self, layer: Layer, x: Any) -> Moments | None:
+        """Hold ``x``'s moments back for ``layer``'s pool (a layer may run twice in a
+        forward) and return them; None if ``x`` brings none."""
         axes = self.network.sample_axes(layer, x)
         if math.prod(x.shape[a] for a in axes) == 0:  # an empty batch brings nothing
-            return False
-        part = self.parts.setdefault(layer, ExactFullPass(nan_policy="skip"))
-        skipped = part.num_batches_skipped
-        part.update(x, axis=axes)
-        if part.num_batches_skipped == skipped:
-            return False
+            return None
+        seen = ExactFullPass(nan_policy="skip")
+        seen.update(x, axis=axes)
+        if not seen.num_batches_skipped:
+            moments = seen.moments
+            self.parts.setdefault(layer, []).append(moments)
+            return moments
         if self.network.nan_policy(layer) == "raise":
             raise ValueError(
                 f"{self.network.data_name}: expected finite values, got NaN or Inf in batch "
@@ -232,14 +244,15 @@ class _Batch(Generic[Layer]):
                 "nan_policy='skip' to leave such batches out"
             )
         self.finite = False
-        return False
+        return None
 
     def pool_into(self, pools: dict[Layer, ExactFullPass]) -> int:
         """Merge the batch into ``pools`` if it was finite everywhere; 1 if it was not."""
         if not self.finite:
             return 1
-        for layer, part in self.parts.items():
-            pools[layer].merge(part)
+        for layer, parts in self.parts.items():
+            for moments in parts:
+                pools[layer].update_moments(moments)
         return 0
 
 
@@ -253,7 +266,7 @@ def _one_pass(network: Network[Layer], batches: _Batches) -> dict[Layer, int]:
     try:
         for index, inputs in batches.read("recalibrate"):
             batch = _Batch(network, index)
-            network.forward(inputs, batch.observe)
+            _forward(network, inputs, batch.observe)
             skipped += batch.pool_into(pools)
     except Exception as error:  # other processes learn it before any merge
         failure = error
@@ -277,17 +290,22 @@ class _Pass(Generic[Layer]):
     def run(self, index: int, inputs: Any) -> None:
         batch: _Batch[Layer] = _Batch(self.network, index)
 
-        def observe(layer: Layer, x: Any) -> bool:
+        def observe(layer: Layer, x: Any) -> Moments | None:
             if self.layer is None and layer in self.remaining:
                 self.layer = layer
             if layer is not self.layer:
-                return False
+                return None
             batch.observe(layer, x)
-            return True
+            raise StopForward
 
-        self.network.forward(inputs, observe)
+        _forward(self.network, inputs, observe)
         if self.layer is not None:
             self.left_out += batch.pool_into({self.layer: self.pool})
+
+
+def _forward(network: Network[Layer], inputs: Any, observe: Observe[Layer]) -> None:
+    with contextlib.suppress(StopForward):
+        network.forward(inputs, observe)
 
 
 def _layer_by_layer(network: Network[Layer], batches: _Batches) -> dict[Layer, int]:
@@ -369,4 +387,4 @@ def _report(network: Network[Layer], skipped: dict[Layer, int], layerwise: bool)
     )
 
 
-__all__ = ["Network", "Observe", "recalibrate"]
+__all__ = ["Network", "Observe", "StopForward", "recalibrate"]

@@ -108,8 +108,8 @@ class _Model(recalibration.Network[BatchNorm]):
         population statistics (evaluation mode)."""
         h = inputs
         for index, layer in enumerate(self.leaves[: self.last + 1]):
-            if isinstance(layer, BatchNorm) and layer in self.positions and observe(layer, h):
-                return
+            if isinstance(layer, BatchNorm) and layer in self.positions:
+                observe(layer, h)
             if index == self.last:
                 return
             if isinstance(layer, BatchNorm) and not self.layerwise:

@@ -162,6 +162,7 @@ class BatchNorm(_BatchNorm):
         self._runtime_rule: tuple[float | None, Estimator] | None = None
         """An EMA layer's rule for the momentum last set at runtime, with that momentum."""
         self._calibrating = False
+        self._calibration_moments: Moments | None = None
         self._calibrated = False
         """Whether the strategy holds samples: an "exact" layer evaluates only then. Kept on
         the host (never read from the device), so evaluation does not synchronise and
@@ -476,10 +477,18 @@ class BatchNorm(_BatchNorm):
         observes every layer's input itself), in either mode and without synchronizing."""
         self.fold_pending()
         self._calibrating = True
+        self._calibration_moments = None
 
     def stop_calibration(self) -> None:
         """End :meth:`start_calibration`: forward is the module's own again."""
         self._calibrating = False
+        self._calibration_moments = None
+
+    def set_calibration_moments(self, moments: Moments | None) -> None:
+        """The moments of the next calibration input, measured by whoever observed it (the
+        pass pools them), so that forward normalizes with them instead of reducing the batch
+        again (on CPU the evaluation kernel with them costs a third of the training one)."""
+        self._calibration_moments = moments
 
     @property
     def calibrating(self) -> bool:
@@ -515,8 +524,16 @@ class BatchNorm(_BatchNorm):
         self._calibrated = True
 
     def _calibrate(self, x: Tensor) -> Tensor:
-        """Normalize with batch statistics, tracking nothing (during a calibration pass)."""
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        """Normalize with batch statistics, tracking nothing (during a calibration pass):
+        the moments :meth:`set_calibration_moments` gave for this input if any, else the
+        training kernel's (which refuses one value per channel, as in training)."""
+        moments, self._calibration_moments = self._calibration_moments, None
+        count = x.numel() // self.num_features
+        if moments is None or moments.count != count or count <= 1:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        mean = torch.as_tensor(moments.mean).to(x.dtype)
+        var = torch.as_tensor(moments.m2 / count).to(x.dtype)  # biased, as training normalizes
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _device(self) -> torch.device:
         for tensor in (*self.parameters(), *self.buffers()):

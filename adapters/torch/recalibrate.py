@@ -2,14 +2,13 @@
 
 The algorithm (one pass or layer by layer with early exit, the NaN policy, rollback) is
 :mod:`normstats.adapters.recalibration`'s, shared with the NumPy adapter. This module says
-how a torch model runs a calibration forward (a forward pre-hook on each layer observes its
-input; a layer-by-layer pass stops the forward by raising from it), reads and writes a
-layer's statistics, and merges the pools of the ranks of a ``torch.distributed`` group.
+how a torch model runs a calibration forward (a forward pre-hook on each layer hands its
+input to the algorithm, which may stop the forward there), reads and writes a layer's
+statistics, and merges the pools of the ranks of a ``torch.distributed`` group.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -85,10 +84,6 @@ def _seconds(timeout: object) -> float | None:
     return seconds
 
 
-class _StopForwardError(Exception):
-    """Raised by a hook to end a forward early (layer-by-layer calibration)."""
-
-
 class _Model(recalibration.Network[BatchNorm]):
     """A torch model as the recalibration algorithm sees it: its normstats BatchNorm layers
     that keep statistics, in registration order, named as ``named_modules`` names them.
@@ -152,16 +147,18 @@ class _Model(recalibration.Network[BatchNorm]):
 
     def forward(self, inputs: Any, observe: recalibration.Observe[BatchNorm]) -> None:
         self.observe = observe
-        with torch.no_grad(), contextlib.suppress(_StopForwardError):
+        with torch.no_grad():
             self.model(inputs)
 
     def _enter(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        """The forward pre-hook: the layer's input to the algorithm, and the early exit."""
+        """The forward pre-hook: the layer's input to the algorithm (which may stop the
+        forward here); in one pass the layer then normalizes with the moments it measured."""
         assert isinstance(module, BatchNorm)  # the hooks are on these layers only
         assert self.observe is not None  # set by forward
         x: Tensor = args[0] if args else kwargs["input"]
-        if self.observe(module, x.detach()):
-            raise _StopForwardError
+        moments = self.observe(module, x.detach())
+        if module.calibrating:
+            module.set_calibration_moments(moments)
 
     def load(self, layer: BatchNorm, moments: Moments, num_batches_skipped: int) -> None:
         layer.load_calibration(moments, num_batches_skipped)
