@@ -53,7 +53,7 @@ from normstats import ExactFullPass, Moments
 
 Layer = TypeVar("Layer")
 
-Observe = Callable[[Layer, Any], "Moments | None"]
+Observe = Callable[[Layer, Any], Moments | None]
 """Called with a calibrated layer and its input array, before the layer runs. It pools the
 input and returns its moments (count, mean and M2 over the sample axes, float64, in the
 input's namespace; None when the input brought none: no samples, or NaN or Inf that its
