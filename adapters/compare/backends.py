@@ -240,7 +240,7 @@ class TorchRun:
 
     def _tracker(self, fanout: FanOut) -> Any:
         def track(module: Any, args: Any) -> None:
-            if self.tracking and module.training and module._calibration is None:
+            if self.tracking and module.training and not module.calibrating:
                 x = args[0].detach().cpu().numpy()
                 axes = tuple(d for d in range(x.ndim) if d != 1)
                 fanout.update_moments(ns.Moments.from_array(x, axis=axes))
@@ -265,7 +265,6 @@ class TorchRun:
                 self.optimizer.step()
 
     def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None:
-        torch = self.torch
         if strategy == "batch":
             return None
         if strategy in strategies.CALIBRATED:
@@ -282,16 +281,8 @@ class TorchRun:
             mean, var = np.asarray(estimator.mean), np.asarray(estimator.var)
             found.append((mean, var))
             count = max(estimator.count, 2)
-            mean_t = torch.as_tensor(mean, dtype=torch.float64)
-            norm.load_calibration(  # make these the layer's statistics
-                {
-                    "count": count,
-                    "num_batches": 1,
-                    "mean_origin": mean_t,
-                    "mean_offset": mean_t * 0,
-                    "m2": torch.as_tensor(var, dtype=torch.float64) * (count - 1),
-                }
-            )
+            # make these the layer's statistics
+            norm.load_calibration(ns.Moments(count, mean, var * (count - 1)))
         return found
 
     def accuracy(self, strategy: str, batch_size: int) -> float:

@@ -1,96 +1,132 @@
 """The exact full pass for NumPy models: population statistics of every BatchNorm input.
 
-After training, a BatchNorm layer's running statistics are only an estimate of what it will
-see at inference. Recalibration measures them exactly, with the trained weights frozen:
-
-- one pass (``layerwise=False``, as fvcore's PreciseBN): every layer's input is pooled over
-  the data while upstream layers normalize with *batch* statistics, as in training;
-- layer by layer (``layerwise=True``): layer k is calibrated on the inputs it will see at
-  inference, with the layers before it already calibrated and in evaluation mode. Pass k
-  stops at layer k, so L layers cost about (L + 1) / 2 full forward passes.
-
-The two differ by terms of order 1 / batch size (the batch statistics of upstream layers
-fluctuate around the population ones), so they part only for small calibration batches.
+The algorithm (one pass or layer by layer with early exit, the NaN policy, rollback) is
+:mod:`normstats.adapters.recalibration`'s, shared with the torch adapter; this module says
+how a :class:`~normstats.adapters.numpy.Sequential` runs a calibration forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from normstats import BatchNorm, ExactFullPass, Moments, functional
-from normstats.typing import Array
+from normstats import BatchNorm, Moments, RunningStats, functional
 
+from .. import recalibration
 from .layers import Layer, flatten
 
 
-def recalibrate(model: Layer, batches: Iterable[object], layerwise: bool = False) -> Layer:
+def recalibrate(
+    model: Layer,
+    batches: Iterable[object],
+    layerwise: bool = False,
+    *,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> Layer:
     """Replace every BatchNorm layer's statistics by the exact ones over ``batches``.
 
     ``batches`` holds arrays or ``(input, ...)`` tuples; with ``layerwise=True`` it is read
-    once per layer, so it must be re-iterable (a list, not a generator). Every strategy is
-    refilled (``stats.load_moments``): afterwards each layer's ``stats.mean`` and
-    ``stats.var`` are the pooled mean and unbiased variance of its input. Layers with
-    ``stats="batch"`` keep none and are skipped. Modes are restored afterwards, and on
-    failure every layer's statistics are what they were before the call.
+    once per layer, so it must be re-iterable (a list, not a generator). One pass pools every
+    layer's input while the layers upstream normalize with batch statistics (as in
+    training); ``layerwise=True`` pools each layer's input with the layers before it already
+    calibrated and in evaluation mode, and pass k stops at the k-th layer. ``max_batches``
+    limits each pass; ``progress`` shows a progress bar (tqdm). Every strategy is refilled
+    (``stats.load_moments``): afterwards each layer's ``stats.mean`` and ``stats.var`` are
+    the pooled mean and unbiased variance of its input. Layers with ``stats="batch"`` keep
+    none and are skipped. Returns ``model``.
+
+    A batch with NaN or Inf at a layer's input follows that layer's ``stats.nan_policy``:
+    ``"skip"`` leaves it out of the pools (in one pass out of every layer's pool, layer by
+    layer out of the pool of the layer whose input it spoils), counts it in
+    ``stats.num_batches_skipped`` and reports it in a ``RuntimeWarning``; ``"raise"`` (the
+    estimators' default) raises a ``ValueError`` naming the batch and the layer. Modes are
+    restored afterwards, and on failure every layer's statistics are what they were before
+    the call.
     """
-    layers = flatten(model)
-    targets = {
-        i: layer.stats
-        for i, layer in enumerate(layers)
-        if isinstance(layer, BatchNorm) and layer.stats is not None
-    }
-    if layerwise and iter(batches) is batches:
-        raise TypeError(
-            "batches: layer-by-layer recalibration reads the data once per layer; expected a "
-            "re-iterable collection (list, tuple, array), got a one-shot iterator"
-        )
-    modes = [layer.training for layer in layers]
-    saved = {i: stats.state_dict() for i, stats in targets.items()}
-    try:
-        for layer in layers:
-            layer.train(False)
-        if layerwise:
-            for position, stats in targets.items():
-                stats.load_moments(_pooled_inputs(layers, batches, [position], layerwise=True)[0])
-        else:
-            pooled = _pooled_inputs(layers, batches, list(targets), layerwise=False)
-            for stats, moments in zip(targets.values(), pooled, strict=True):
-                stats.load_moments(moments)
-    except BaseException:
-        for position, state in saved.items():
-            targets[position].load_state_dict(state)
-        raise
-    finally:
-        for layer, mode in zip(layers, modes, strict=True):
-            layer.train(mode)
+    recalibration.recalibrate(
+        _Model(model),
+        batches,
+        layerwise=layerwise,
+        max_batches=max_batches,
+        progress=progress,
+    )
     return model
 
 
-def _pooled_inputs(
-    layers: list[Layer], batches: Iterable[object], positions: list[int], layerwise: bool
-) -> list[Moments]:
-    """Pooled moments of the inputs of ``layers[p]`` for each p in ``positions``.
+class _Model(recalibration.Network[BatchNorm]):
+    """A NumPy model's leaf layers as the recalibration algorithm sees them; layers are
+    named by their position among the leaves (as a torch ``Sequential`` names them)."""
 
-    Upstream BatchNorm layers normalize with batch statistics in one-pass mode and with
-    their population statistics (evaluation mode) in layerwise mode. The forward stops at
-    the last position.
-    """
-    pools = {position: ExactFullPass() for position in positions}
-    last = max(positions, default=-1)
-    for batch in batches:
-        h: Array = batch[0] if isinstance(batch, tuple | list) else batch
-        for index, layer in enumerate(layers[: last + 1]):
-            if index in pools and isinstance(layer, BatchNorm):
-                pools[index].update(h, axis=functional.reduced_axes(h.ndim, layer.axis))
-            if index == last:
-                break
-            if isinstance(layer, BatchNorm) and not layerwise:
+    data_name = "batches"
+
+    def __init__(self, model: Layer) -> None:
+        self.leaves = flatten(model)
+        self.modes = [layer.training for layer in self.leaves]
+        self.positions: dict[BatchNorm, int] = {}
+        for position, layer in enumerate(self.leaves):
+            if isinstance(layer, BatchNorm) and layer.stats is not None:
+                self.positions.setdefault(layer, position)
+        self.last = max(
+            (i for i, layer in enumerate(self.leaves) if layer in self.positions), default=-1
+        )
+        self.layerwise = False
+
+    @property
+    def layers(self) -> Sequence[BatchNorm]:
+        return list(self.positions)
+
+    def name(self, layer: BatchNorm) -> str:
+        return str(self.positions[layer])
+
+    def nan_policy(self, layer: BatchNorm) -> str:
+        return _stats(layer).nan_policy
+
+    def sample_axes(self, layer: BatchNorm, x: Any) -> tuple[int, ...]:
+        return functional.reduced_axes(x.ndim, layer.axis)
+
+    def statistics(self) -> object:
+        return [_stats(layer).state_dict() for layer in self.positions]
+
+    def restore(self, saved: object) -> None:
+        assert isinstance(saved, list)  # what statistics() returned
+        for layer, state in zip(self.positions, saved, strict=True):
+            _stats(layer).load_state_dict(state)
+
+    def begin(self, layerwise: bool) -> None:
+        self.layerwise = layerwise
+        for layer in self.leaves:
+            layer.train(False)
+
+    def end(self) -> None:
+        for layer, mode in zip(self.leaves, self.modes, strict=True):
+            layer.train(mode)
+
+    def forward(self, inputs: Any, observe: recalibration.Observe[BatchNorm]) -> None:
+        """The leaves in order up to the last calibrated layer; in one pass BatchNorm layers
+        normalize with batch statistics (updating nothing), layer by layer with their
+        population statistics (evaluation mode)."""
+        h = inputs
+        for index, layer in enumerate(self.leaves[: self.last + 1]):
+            if isinstance(layer, BatchNorm) and layer in self.positions:
+                observe(layer, h)
+            if index == self.last:
+                return
+            if isinstance(layer, BatchNorm) and not self.layerwise:
                 h = functional.train_forward(
                     h, layer.gamma, layer.beta, axis=layer.axis, eps=layer.eps
                 )[0]
             else:
                 h = layer.forward(h)
-    return [pools[position].moments for position in positions]
+
+    def load(self, layer: BatchNorm, moments: Moments, num_batches_skipped: int) -> None:
+        stats = _stats(layer)
+        stats.load_moments(moments, num_batches_skipped=num_batches_skipped)
+
+
+def _stats(layer: BatchNorm) -> RunningStats:
+    assert layer.stats is not None  # only layers with statistics are calibrated
+    return layer.stats
 
 
 __all__ = ["recalibrate"]

@@ -24,7 +24,6 @@ folds directly, so that the traced graph does not depend on the ring's position.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import array_api_compat
@@ -33,10 +32,16 @@ import torch.nn.functional as F  # noqa: N812 - torch's convention
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normstats import CumulativeAverage, ExactFullPass, ExponentialMovingAverage, RunningStats
+from normstats import (
+    CumulativeAverage,
+    ExactFullPass,
+    ExponentialMovingAverage,
+    Moments,
+    RunningStats,
+)
 from normstats.estimators import StackedMoments, State, Strategy
 from normstats.functional import reduced_axes
-from normstats.moments import ShiftedMoments, moments_of_batch, reduce_batch
+from normstats.moments import ShiftedMoments, moments_of_batch
 
 from . import distributed
 from .arguments import (
@@ -51,31 +56,12 @@ from .ring import MomentRing
 from .state import BATCH_MOMENTS_DTYPE, STATS_DTYPE, StrategyState, brought_state
 
 torch_namespace = array_api_compat.array_namespace(torch.empty(0))
-"""The array namespace the core's reductions use for tensors."""
-
-POOL = ExactFullPass()
-"""The update rule that pools a calibration pass (its pure functions only; it holds no state)."""
+"""The array namespace of tensors, for the core's functions that take one."""
 
 FOLDED_ON_READ = frozenset(
     {"running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"}
 )
 """Buffers whose reading as an attribute folds the pending training batches first."""
-
-
-class NonFiniteCalibrationError(ValueError):
-    """A calibration batch held NaN or Inf at the input of a layer with ``nan_policy="raise"``.
-
-    :func:`~normstats.adapters.torch.recalibrate` turns it into an error that names the batch.
-    """
-
-    def __init__(self, layer: BatchNorm) -> None:
-        super().__init__(
-            "x: expected finite values, got a calibration batch with NaN or Inf "
-            "(nan_policy='raise')"
-        )
-        self.layer = layer
-        self.batch: int | None = None
-        """The index of the batch in the calibration data (set by ``recalibrate``)."""
 
 
 class BatchNorm(_BatchNorm):
@@ -178,9 +164,8 @@ class BatchNorm(_BatchNorm):
         """The update rule the pending slots fold with (each momentum has its own)."""
         self._runtime_rule: tuple[float | None, Strategy] | None = None
         """An EMA layer's rule for the momentum last set at runtime, with that momentum."""
-        self._calibration: State | None = None
-        self._pending: State | None = None  # the current calibration batch, not yet pooled
-        self._pending_finite = True
+        self._calibrating = False
+        self._calibration_moments: Moments | None = None
         self._calibrated = False
         """Whether the strategy holds samples: an "exact" layer evaluates only then. Kept on
         the host (never read from the device), so evaluation does not synchronise and
@@ -287,12 +272,12 @@ class BatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         x = input
-        if self.training and self.sync and self._calibration is None:
+        if self.training and self.sync and not self._calibrating:
             group = self.process_group if self.process_group is not None else _world()
             if distributed.active(group):
                 return self._forward_synchronized(x, group)
         self._check_input_dim(x)
-        if self._calibration is not None:
+        if self._calibrating:
             return self._calibrate(x)
         weight, bias = self._parameters["weight"], self._parameters["bias"]
         if not self.training:
@@ -488,49 +473,51 @@ class BatchNorm(_BatchNorm):
             if buffer is not None:
                 buffer.copy_(value if keep is None else torch.where(keep, value, buffer))
 
-    # -- calibration (the exact full pass of recalibrate) -------------------------------
+    # -- calibration (recalibrate's one pass) ---------------------------------------------
 
     def start_calibration(self) -> None:
-        """From now on, forward normalizes with batch statistics and pools every input's
-        moments (in float64, on the device) instead of updating the strategy.
-
-        What a batch brings is held back until :meth:`end_calibration_batch` says whether to
-        pool it: a batch is left out of every layer's pool when any layer saw NaN or Inf in
-        it (``nan_policy="skip"``), and a layer with ``nan_policy="raise"`` raises
-        :class:`NonFiniteCalibrationError` at once.
-        """
+        """From now on, forward normalizes with batch statistics and changes nothing (the
+        upstream layers of :func:`~normstats.adapters.torch.recalibrate`'s one pass, which
+        observes every layer's input itself), in either mode and without synchronizing."""
         self.fold_pending()
-        template = torch.zeros(self.num_features, dtype=STATS_DTYPE, device=self._device())
-        self._calibration = POOL.initial_state(template)
-        self._pending, self._pending_finite = None, True
+        self._calibrating = True
+        self._calibration_moments = None
+
+    def stop_calibration(self) -> None:
+        """End :meth:`start_calibration`: forward is the module's own again."""
+        self._calibrating = False
+        self._calibration_moments = None
+
+    def set_calibration_moments(self, moments: Moments | None) -> None:
+        """The moments of the next calibration input, measured by whoever observed it (the
+        pass pools them), so that forward normalizes with them instead of reducing the batch
+        again (on CPU the evaluation kernel with them costs a third of the training one)."""
+        self._calibration_moments = moments
 
     @property
-    def calibration_batch_finite(self) -> bool:
-        """Whether every input this layer saw in the current calibration batch was finite."""
-        return self._pending_finite
+    def calibrating(self) -> bool:
+        """Whether a calibration pass runs (:meth:`start_calibration`)."""
+        return self._calibrating
 
-    def end_calibration_batch(self, keep: bool) -> None:
-        """Pool what the current calibration batch brought (``keep``) or leave it out."""
-        if keep and self._pending_finite and self._pending is not None:
-            self._calibration = self._pending
-        self._pending, self._pending_finite = None, True
-
-    def stop_calibration(self) -> State | None:
-        """End calibration; return the pooled state (None if nothing was pooled)."""
-        pooled, self._calibration = self._calibration, None
-        self._pending, self._pending_finite = None, True
-        return pooled if pooled is not None and pooled["num_batches"] else None
-
-    def load_calibration(self, pooled: Mapping[str, Any], num_batches_skipped: int = 0) -> None:
-        """Make ``pooled`` (from :meth:`stop_calibration`) the strategy's statistics;
-        ``num_batches_skipped`` is how many batches the calibration left out."""
+    def load_calibration(self, moments: Moments, num_batches_skipped: int = 0) -> None:
+        """Make ``moments`` (a calibration's pooled count, mean and M2) the strategy's
+        statistics: its estimate becomes their mean and unbiased variance, whatever the
+        strategy; ``num_batches_skipped`` is how many batches the calibration left out."""
         strategy, state = self.strategy, self.strategy_state
         if strategy is None or state is None:
             return
         assert self.num_batches_skipped is not None
-        mean = POOL.estimate(dict(pooled))[0]
-        batch = moments_of_batch(
-            torch_namespace, ShiftedMoments(pooled["count"], None, mean, pooled["m2"], True)
+        device = self._device()
+
+        def statistic(value: Any) -> Tensor:
+            return torch.as_tensor(value, dtype=STATS_DTYPE, device=device)
+
+        # the mean's two parts, as Strategy.load_moments passes them: no digit is lost
+        batch = Moments(
+            int(moments.count),
+            statistic(moments.mean),
+            statistic(moments.m2),
+            mean_residual=statistic(moments.mean_residual),
         )
         with torch.no_grad():
             calibrated = strategy.calibrated_state(batch)
@@ -540,31 +527,16 @@ class BatchNorm(_BatchNorm):
         self._calibrated = True
 
     def _calibrate(self, x: Tensor) -> Tensor:
-        """Normalize with batch statistics and hold back their moments; no gradient is
-        needed here, so the moments come from the core's float64 reduction (exact for data
-        far from zero too, and it tells whether the batch is finite) and the output from the
-        evaluation kernel (on CPU both together cost less than the training kernel)."""
-        if x.shape[0] == 0:
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        """Normalize with batch statistics, tracking nothing (during a calibration pass):
+        the moments :meth:`set_calibration_moments` gave for this input if any, else the
+        training kernel's (which refuses one value per channel, as in training)."""
+        moments, self._calibration_moments = self._calibration_moments, None
         count = x.numel() // self.num_features
-        if count <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{list(x.shape)}"
-            )
-        reduced = reduce_batch(torch_namespace, x.detach(), reduced_axes(x.dim(), 1))
-        if not reduced.finite:
-            if self.nan_policy == "raise":
-                raise NonFiniteCalibrationError(self)
-            self._pending_finite = False
-        elif self._pending_finite:
-            assert self._calibration is not None
-            pooled = self._pending if self._pending is not None else self._calibration
-            # a layer may run twice in a forward
-            self._pending = POOL.step(pooled, moments_of_batch(torch_namespace, reduced))
-        mean = reduced.mean
-        var = (reduced.m2 / count).to(x.dtype)
-        return F.batch_norm(x, mean.to(x.dtype), var, self.weight, self.bias, False, 0.0, self.eps)
+        if moments is None or moments.count != count or count <= 1:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        mean = torch.as_tensor(moments.mean).to(x.dtype)
+        var = torch.as_tensor(moments.m2 / count).to(x.dtype)  # biased, as training normalizes
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _device(self) -> torch.device:
         for tensor in (*self.parameters(), *self.buffers()):
@@ -695,4 +667,4 @@ def _write_batch_moments(x: Tensor, mean: Tensor, var: Tensor) -> None:
         var.copy_(batch_var)
 
 
-__all__ = ["BatchNorm", "NonFiniteCalibrationError"]
+__all__ = ["BatchNorm"]

@@ -1,8 +1,11 @@
 """Statistics across processes (``torch.distributed``): one process's numbers from many.
 
-Every merge here is the count-weighted Chan merge of :mod:`normstats.moments`, of all
-ranks' rows at once (:func:`merge_rows`), computed the same way on every rank, so all ranks
-end with identical statistics, equal to those of one process over the concatenated data.
+Every merge here is the count-weighted Chan merge of :mod:`normstats.moments`, computed the
+same way on every rank, so all ranks end with identical statistics, equal to those of one
+process over the concatenated data: a synchronized training step merges every rank's row at
+once, on the device and differentiably (:func:`merge_rows`); the states of estimators (the
+pools of ``recalibrate``, :func:`all_reduce_stats`) merge in rank order with the strategy's
+own merge (:func:`merged_in_rank_order`).
 Ranks with no data take part with count 0 (nothing hangs), and shapes that differ across
 ranks raise an error naming each rank's shape on every rank. A synchronized training step
 costs one all-gather (and one all-reduce in its backward) and reads nothing on the host.
@@ -16,16 +19,19 @@ import copy
 import math
 import time
 import weakref
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from normstats import RunningStats
-from normstats.estimators import State, Strategy
+from normstats import ExactFullPass, RunningStats
+from normstats.estimators import Strategy
 
 from .state import BATCH_MOMENTS_DTYPE, STATS_DTYPE
+
+E = TypeVar("E", bound=Strategy)
 
 
 def active(group: Any = None) -> bool:
@@ -278,42 +284,57 @@ def agree(
 
 
 def merge_pooled(
-    pooled: State | None,
+    pool: ExactFullPass,
     num_features: int,
     device: Any,
     group: Any = None,
     skipped: int = 0,
     timeout: float | None = None,
-) -> tuple[State | None, int]:
-    """Merge a pooled calibration state (count, num_batches, mean, m2) across the ranks of
-    ``group``, and the numbers of batches the ranks left out of their pools; the state is
-    None if empty everywhere. ``timeout`` as in :func:`gather_within`.
+) -> tuple[ExactFullPass, int]:
+    """A calibration pool merged across the ranks of ``group`` (a new estimator, the same on
+    every rank), and the total of the numbers of batches the ranks left out of their pools.
+    ``timeout`` as in :func:`gather_within`.
 
-    A rank that saw no data passes ``None`` and still takes part. The pools merge at once
-    around the mean of the largest one, in float64.
+    Each rank's state travels as one float64 row of its counters and arrays (a rank that saw
+    no data, whose pool is empty, still takes part) and the states merge in rank order, as
+    :func:`all_reduce_stats` merges them (:func:`merged_in_rank_order`).
     """
-    row = torch.zeros(3 + 3 * num_features, dtype=STATS_DTYPE, device=device)
-    row[2] = skipped
-    if pooled is not None:
-        row[0], row[1] = pooled["count"], pooled["num_batches"]
-        row[3:].view(3, num_features).copy_(
-            torch.stack([pooled["mean_origin"], pooled["mean_offset"], pooled["m2"]])
+    state, prefix = pool.state_dict(), f"{pool.name}."
+    keys = [prefix + key for key in pool.array_keys]
+    row = torch.zeros(3 + len(keys) * num_features, dtype=STATS_DTYPE, device=device)
+    row[0], row[1], row[2] = pool.count, pool.num_batches, skipped
+    if pool.count:
+        row[3:].view(len(keys), num_features).copy_(
+            torch.stack([torch.as_tensor(state[k]) for k in keys])
         )
     rows = gather_within(row, group, timeout, "recalibrate: merging a layer's pools")
-    counts, total_skipped = rows[:, 0], int(rows[:, 2].sum())
-    if not bool(counts.any()):
-        return None, total_skipped
-    origins, offsets, m2s = rows[:, 3:].view(-1, 3, num_features).unbind(1)
-    reference = origins[counts.argmax()]
-    total, step, m2 = merge_rows(counts, (origins - reference) + offsets, m2s)
-    state = {
-        "count": int(total),
-        "num_batches": int(rows[:, 1].sum()),
-        "mean_origin": reference,
-        "mean_offset": step,
-        "m2": m2,
-    }
-    return state, total_skipped
+    counters = rows[:, :3].tolist()
+    states = []
+    for (count, num_batches, _), arrays in zip(
+        counters, rows[:, 3:].view(-1, len(keys), num_features), strict=True
+    ):
+        values: list[Any] = list(arrays) if count else [0.0] * len(keys)
+        states.append(
+            {
+                f"{prefix}count": int(count),
+                f"{prefix}num_batches": int(num_batches),
+                f"{prefix}num_batches_skipped": 0,
+                **dict(zip(keys, values, strict=True)),
+            }
+        )
+    return merged_in_rank_order(pool, states), int(sum(left_out for *_, left_out in counters))
+
+
+def merged_in_rank_order(stats: E, states: Sequence[Mapping[str, Any]]) -> E:
+    """A new estimator of ``stats``'s kind and settings that holds every state of
+    ``states`` (state dicts, one per rank), merged in rank order with the strategy's own
+    exact merge: the same numbers on every rank that merges the same states."""
+    merged = _empty_like(stats)
+    for state in states:
+        other = _empty_like(stats)
+        other.load_state_dict(state)
+        merged.merge(other)
+    return merged
 
 
 def all_reduce_stats(stats: RunningStats, group: Any = None) -> RunningStats:
@@ -345,12 +366,7 @@ def all_reduce_stats(stats: RunningStats, group: Any = None) -> RunningStats:
     if len({shape for shape in shapes if shape is not None}) > 1:
         listed = ", ".join(f"rank {rank}: {shape}" for rank, shape in enumerate(shapes))
         raise ValueError(f"stats: expected the same feature shape on every rank, got {listed}")
-    merged = _empty_like(stats)
-    for state in states:
-        other = _empty_like(stats)
-        other.load_state_dict(state)
-        merged.merge(other)
-    result = merged.state_dict()
+    result = merged_in_rank_order(stats, states).state_dict()
     if device is not None:
         result = {
             k: torch.as_tensor(v, device=device) if hasattr(v, "shape") else v
@@ -360,7 +376,7 @@ def all_reduce_stats(stats: RunningStats, group: Any = None) -> RunningStats:
     return stats
 
 
-def _empty_like(stats: Strategy) -> Strategy:
+def _empty_like(stats: E) -> E:
     """A strategy of the same class and settings as ``stats``, without state."""
     empty = copy.copy(stats)
     empty.reset()
@@ -368,10 +384,13 @@ def _empty_like(stats: Strategy) -> Strategy:
 
 
 def _feature_shape(stats: Strategy, state: dict[str, Any]) -> tuple[int, ...] | None:
-    """The feature shape of a state dict (None before its first batch)."""
+    """The feature shape of a state dict (None before its first batch): the shape of its
+    last array without the strategy's leading axes."""
     if not state[stats.name + ".count"]:
         return None
-    return tuple(getattr(state[stats.name + "." + stats.array_keys[-1]], "shape", ()))
+    key = stats.array_keys[-1]
+    leading = len(stats.state_shapes(())[key])
+    return tuple(getattr(state[stats.name + "." + key], "shape", ()))[leading:]
 
 
 __all__ = [
@@ -384,6 +403,7 @@ __all__ = [
     "gather_within",
     "merge_pooled",
     "merge_rows",
+    "merged_in_rank_order",
     "resolved",
     "synchronized_batch_norm",
 ]

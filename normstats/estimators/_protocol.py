@@ -32,8 +32,9 @@ class RunningStats(Protocol):
     def update_moments(self, moments: Moments) -> None:
         """Fold in the precomputed moments of a batch."""
 
-    def load_moments(self, moments: Moments) -> None:
-        """Replace the estimate by population statistics (mean, unbiased var) measured elsewhere."""
+    def load_moments(self, moments: Moments, *, num_batches_skipped: int = 0) -> None:
+        """Replace the estimate by population statistics (mean, unbiased var) measured
+        elsewhere; ``num_batches_skipped`` is how many batches that measurement left out."""
 
     @property
     def mean(self) -> Array | float:

@@ -293,14 +293,16 @@ class Strategy:
         else:
             self._skip_or_raise(ValueError("moments: expected finite mean and m2, got NaN or Inf"))
 
-    def load_moments(self, moments: Moments) -> None:
+    def load_moments(self, moments: Moments, *, num_batches_skipped: int = 0) -> None:
         """Replace the estimate by population statistics measured elsewhere (a calibration).
 
         Afterwards ``mean`` is ``moments.mean`` and ``var`` is ``moments.var(ddof=1)``
         whatever the strategy; ``count`` is ``moments.count`` and ``num_batches`` is 1. This is
-        how an exact full pass is written into a layer's statistics. Invalid moments raise and
-        change nothing.
+        how an exact full pass is written into a layer's statistics, and
+        ``num_batches_skipped`` the batches it left out (non-finite ones). Invalid moments
+        raise and change nothing.
         """
+        skipped = as_count("num_batches_skipped", num_batches_skipped)
         given = self._as_batch(moments, min_count=2)
         if given is None or not given[2]:
             raise ValueError(
@@ -316,7 +318,7 @@ class Strategy:
                 "estimate overflows"
             )
         self._state = state
-        self._num_batches_skipped = 0
+        self._num_batches_skipped = skipped
 
     def _as_batch(self, moments: Moments, min_count: int) -> tuple[Namespace, Moments, bool] | None:
         """Validated ``moments`` in float64 (their namespace, the batch and whether it is

@@ -549,3 +549,27 @@ def test_one_dimensional_state_dict_roundtrip_npz(estimator_factory, tmp_path):
     original.update(np.array([2.0, -1.0]))
     restored.update(np.array([2.0, -1.0]))
     assert_same_values(restored.state_dict(), original.state_dict())
+
+
+# -- load_moments: a calibration written into any strategy ------------------------------------
+
+
+def test_load_moments_gives_the_moments_statistics_and_the_skipped_count(estimator_factory):
+    x = batches([40], seed=31)[0]
+    stats = fed(estimator_factory, batches([5, 7], seed=32))
+    stats.load_moments(ns.Moments.from_array(x), num_batches_skipped=np.int64(2))
+    np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.var, x.var(axis=0, ddof=1), rtol=1e-12)
+    assert (stats.count, stats.num_batches, stats.num_batches_skipped) == (40, 1, 2)
+
+
+@pytest.mark.parametrize(("skipped", "error"), [(-1, ValueError), (1.5, TypeError)])
+def test_load_moments_refuses_a_bad_skipped_count_and_changes_nothing(
+    estimator_factory, skipped, error
+):
+    stats = fed(estimator_factory, batches([5, 7], seed=33))
+    before = snapshot(stats)
+    moments = ns.Moments.from_array(batches([9], seed=34)[0])
+    with pytest.raises(error, match=r"^num_batches_skipped: "):
+        stats.load_moments(moments, num_batches_skipped=skipped)
+    assert_same_state(stats.state_dict(), before)

@@ -10,6 +10,8 @@ with ``np.mean`` / ``np.var(ddof=1)``.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -388,3 +390,40 @@ def test_one_pass_runs_the_model_once_and_stops_at_the_last_batchnorm(monkeypatc
             assert calls[i] == 0, i
         elif not isinstance(layer, ns.BatchNorm):
             assert calls[i] == len(UNEVEN), i
+
+
+# -- the shared algorithm -------------------------------------------------------------------
+
+
+def test_the_shared_algorithm_and_the_numpy_adapter_do_not_import_torch():
+    code = (
+        "import sys, normstats.adapters.recalibration, normstats.adapters.numpy; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_max_batches_limits_each_pass():
+    batches = make_batches(UNEVEN)
+    for layerwise in (False, True):
+        limited, reference = make_model(), make_model()
+        nsnp.recalibrate(limited, batches, layerwise=layerwise, max_batches=3)
+        nsnp.recalibrate(reference, batches[:3], layerwise=layerwise)
+        for a, b in zip(batchnorms(limited), batchnorms(reference), strict=True):
+            assert_same_state(a.stats.state_dict(), b.stats.state_dict())
+        assert batchnorms(limited)[0].stats.count == sum(UNEVEN[:3])
+
+
+@pytest.mark.parametrize(
+    ("max_batches", "error"), [(0, ValueError), (True, TypeError), (2.0, TypeError)]
+)
+def test_max_batches_that_is_not_a_positive_int_is_refused(max_batches, error):
+    model = train_some(make_model(MIXED))
+    before = states(model)
+    with pytest.raises(error, match="max_batches: expected a positive int"):
+        nsnp.recalibrate(model, make_batches(UNEVEN), max_batches=max_batches)
+    assert_states(model, before)

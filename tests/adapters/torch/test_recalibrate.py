@@ -392,7 +392,8 @@ def count_calls(model):
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["one-pass", "layerwise"])
 def test_layerwise_stops_each_pass_at_its_layer(layerwise):
-    """L = 4 BN layers: the layer before BN k runs in passes k..L, (L + 1) / 2 passes in all."""
+    """L = 4 BN layers: the layer before BN k runs in passes k..L, (L + 1) / 2 passes in all;
+    BN k itself only in the passes after its own, which stops at its input (as in NumPy)."""
     torch.manual_seed(11)
     width, depth = 4, 4
     layers = []
@@ -408,7 +409,7 @@ def test_layerwise_stops_each_pass_at_its_layer(layerwise):
         return
     for k, name in enumerate(linears):
         assert counts[name] == len(batches) * (depth - k), (name, counts)
-        assert counts[str(3 * k + 1)] == len(batches) * (depth - k)
+        assert counts[str(3 * k + 1)] == len(batches) * (depth - k - 1)
     assert counts[str(3 * depth)] == 0  # the head never runs
     passes = sum(counts[name] for name in linears) / (len(batches) * depth)
     assert passes == (depth + 1) / 2
