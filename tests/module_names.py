@@ -8,12 +8,30 @@ each of its files would run a second time as another module, with its own classe
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import sys
 from collections import defaultdict
 
 import normstats
 import normstats.adapters
+
+
+def import_everything() -> list[str]:
+    """Import every module of the package by its name; the names imported. A module whose
+    optional extra (torch, Lightning, ...) is not installed is left out."""
+    names = sorted({info.name for info in pkgutil.walk_packages(normstats.__path__, "normstats.")})
+    imported = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.startswith("normstats"):
+                raise
+            continue
+        imported.append(name)
+    return imported
 
 
 def package_directories() -> list[str]:
