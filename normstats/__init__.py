@@ -8,6 +8,8 @@
 [2.0, 20.0]
 """
 
+import pkgutil
+
 from . import functional
 from .batchnorm import BatchNorm
 from .estimators import (
@@ -39,3 +41,10 @@ __all__ = [
     "functional",
     "make_stats",
 ]
+
+# The development install (`make install`) links every module into build/__editable__.*/, an
+# ordinary package tree that type checkers read. Where the repository root comes first on
+# sys.path (python started there, pytest), this package is found in normstats/ of the source
+# tree, which does not hold adapters/: extend_path appends the linked normstats/ too, so
+# normstats.adapters resolves the same either way. A wheel install has one tree: no change.
+__path__ = pkgutil.extend_path(__path__, __name__)

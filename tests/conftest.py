@@ -1,13 +1,16 @@
-"""Shared configuration: the hypothesis profile, every strategy as a fixture, torch helpers."""
+"""Shared configuration: the hypothesis profile, every strategy as a fixture, torch helpers,
+and the check that the run loaded every module of the package under one name."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from .helpers import STRATEGIES, StrategyConfig
+from .module_names import loaded_twice
 
 settings.register_profile(
     "normstats",
@@ -16,6 +19,15 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("normstats")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_name_per_module() -> Iterator[None]:
+    """After the last test: no file of the package was loaded under two module names by
+    anything the suite imported or collected (a failure here errors the last test)."""
+    yield
+    twice = loaded_twice()
+    assert not twice, "modules loaded under two names:\n" + "\n".join(twice)
 
 
 @pytest.fixture(params=STRATEGIES, ids=lambda s: s.id)

@@ -2,8 +2,8 @@
 
 ``normstats compare`` (the console script, also ``python -m normstats compare``) and
 :func:`compare` train networks through the NumPy and torch adapters and evaluate each
-strategy on the same trained network. Its extras (scikit-learn, matplotlib, tqdm, mnist1d)
-are imported only when a comparison runs.
+strategy on the same trained network. Its extra (scikit-learn, matplotlib, tqdm, mnist1d,
+threadpoolctl: ``pip install 'normstats[compare]'``) is imported only when a comparison runs.
 """
 
 from .cli import main

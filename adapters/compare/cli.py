@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -36,6 +37,35 @@ def _batch_sizes(text: str) -> list[int]:
 
 def _batch_size(text: str) -> int:
     return _batch_sizes(text)[0]
+
+
+EXTRAS = {
+    "sklearn": ("scikit-learn", "compare"),
+    "matplotlib": ("matplotlib", "compare"),
+    "threadpoolctl": ("threadpoolctl", "compare"),
+    "tqdm": ("tqdm", "compare"),
+    "mnist1d": ("mnist1d", "compare"),
+    "torch": ("torch", "torch"),
+}
+"""Module imported by a comparison: (the distribution that provides it, the extra that
+installs it). The comparison imports them only once it runs, so ``normstats --help`` works
+without them."""
+
+
+def missing_extras(arguments: argparse.Namespace) -> str | None:
+    """One line naming what the comparison asked for needs and lacks, and the install
+    command; None when everything is installed."""
+    modules = ["sklearn", "matplotlib", "threadpoolctl", "tqdm"]
+    if arguments.dataset == "mnist1d":
+        modules.append("mnist1d")
+    if arguments.backend != "numpy":
+        modules.append("torch")
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    names = ", ".join(EXTRAS[m][0] for m in missing)
+    extras = ",".join(sorted({EXTRAS[m][1] for m in missing}))
+    return f"normstats compare: {names} not installed; run: pip install 'normstats[{extras}]'"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command != "compare":
         parser().print_help()
         return 0 if arguments.command is None else 2
+    missing = missing_extras(arguments)
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 2
     try:
         return _compare(arguments)
     except (DatasetError, strategies.StrategyError, ValueError) as error:
