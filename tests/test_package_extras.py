@@ -91,7 +91,7 @@ def test_each_extra_declares_what_its_code_imports():
     extras = requirements()
     assert "threadpoolctl>=3.1" in extras["compare"]  # the comparison's workers
     assert "tqdm>=4.60" in extras["torch"]  # recalibrate(progress=True)
-    assert "pytorch-lightning>=2.0" in extras["lightning"]
+    assert "pytorch-lightning>=2.6" in extras["lightning"]
 
 
 def test_no_upper_bound_on_any_requirement():
