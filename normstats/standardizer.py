@@ -7,18 +7,17 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from . import _sklearn
 from ._arrays import as_array, check_floating, describe
+from ._feature_statistics import FeatureStatistics
 from .estimators import (
     STRATEGIES,
-    ExactFullPass,
     RunningStats,
     Strategy,
-    Welford,
     make_stats,
     strategy_class,
 )
@@ -402,106 +401,6 @@ class Standardizer:
                 f"This Standardizer instance is not fitted yet: call fit() or partial_fit() "
                 f"before {method}()."
             )
-
-
-class FeatureStatistics:
-    """The running statistics of every feature of a stream, each from its non-NaN values.
-
-    One strategy holds all features while every batch has given each feature as many values
-    (the common case, one update per batch). The first batch whose NaN leave the features
-    with different counts splits it into one strategy per feature, each carrying on from its
-    slice of the shared state (the state arrays end with the feature axis) and fed that
-    feature's values from then on: one update per feature and batch.
-    """
-
-    def __init__(self, make: Callable[[], RunningStats], n_features: int) -> None:
-        self._make = make
-        self.n_features = n_features
-        self.shared: RunningStats | None = make()
-        self.per_feature: list[RunningStats] = []
-
-    @property
-    def first(self) -> RunningStats:
-        """A strategy of these statistics (they all have the same settings)."""
-        return self.shared if self.shared is not None else self.per_feature[0]
-
-    def update(self, xp: Namespace, X: Array) -> None:
-        """Fold in the batch ``X`` (finite values and NaN); an error changes nothing."""
-        missing = xp.isnan(X)
-        counts = np.asarray(X.shape[0] - xp.sum(xp.astype(missing, xp.int64), axis=0))
-        self._check_counts(counts, X)
-        if self.shared is not None and np.ptp(counts) == 0:
-            if counts[0] == X.shape[0]:  # no NaN: the common case
-                self.shared.update(X)  # atomic: a refused batch changes nothing
-            elif counts[0]:  # a feature-major compaction keeps each feature's values together
-                values = xp.reshape(X.T[~missing.T], (self.n_features, int(counts[0])))
-                self.shared.update(values.T)
-            return
-        streams = (
-            _split(self._make, self.shared, self.n_features)
-            if self.shared is not None
-            else [
-                _copied(self._make, stream) if count else stream
-                for stream, count in zip(self.per_feature, counts, strict=True)
-            ]
-        )
-        for j, stream in enumerate(streams):
-            if counts[j]:
-                stream.update(xp.reshape(X[:, j][~missing[:, j]], (-1, 1)))
-        self.shared, self.per_feature = None, streams
-
-    def _check_counts(self, counts: np.ndarray[Any, Any], X: Array) -> None:
-        minimum = getattr(self.first, "min_batch_count", 1)
-        short = np.flatnonzero((counts > 0) & (counts < minimum))
-        if short.size:
-            j = int(short[0])
-            raise ValueError(
-                f"X: expected at least {minimum} non-NaN values per feature in a batch (the "
-                f"strategy's batch statistics need them), got {int(counts[j])} sample(s) "
-                f"in feature {j} ({describe(X)})"
-            )
-
-    def summary(self) -> tuple[Array, Array, np.ndarray[Any, np.dtype[np.int64]]]:
-        """Per-feature ``(mean, var, count)``: ``var`` the population variance (ddof=0) of
-        the pooled strategies, the strategy's own estimate otherwise; NaN without values."""
-        if self.shared is not None:
-            mean, var = _mean_and_var(self.shared)
-            return mean, var, np.full(self.n_features, self.shared.count, dtype=np.int64)
-        parts = [_mean_and_var(stream) for stream in self.per_feature]
-        counts = np.asarray([stream.count for stream in self.per_feature], dtype=np.int64)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), counts
-
-
-def _mean_and_var(stream: RunningStats) -> tuple[Array, Array]:
-    if stream.count == 0:
-        return np.full(1, np.nan), np.full(1, np.nan)  # broadcast to the feature shape
-    if isinstance(stream, Welford | ExactFullPass):
-        return stream.mean, stream.moments.var(ddof=0)
-    return cast(Array, stream.mean), cast(Array, stream.var)
-
-
-def _copied(make: Callable[[], RunningStats], stream: RunningStats) -> RunningStats:
-    copy = make()
-    copy.load_state_dict(stream.state_dict())
-    return copy
-
-
-def _split(
-    make: Callable[[], RunningStats], shared: RunningStats, n_features: int
-) -> list[RunningStats]:
-    """One strategy per feature, each with its feature's slice of ``shared``'s state."""
-    state = shared.state_dict()
-    streams = []
-    for j in range(n_features):
-        stream = make()
-        stream.load_state_dict(
-            {
-                k: cast(Array, v)[..., j : j + 1] if getattr(v, "ndim", 0) else v
-                for k, v in state.items()
-            }
-        )
-        streams.append(stream)
-    return streams
 
 
 class _ComplexDataError(TypeError, ValueError):
