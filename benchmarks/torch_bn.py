@@ -12,6 +12,10 @@ small float64 operations on 64-element tensors. Each is cheap next to the kernel
 free (a dispatch through torch, microseconds on CPU, a kernel launch on CUDA), so this
 script measures what they cost where it matters, in a training loop and after it:
 
+* user: in the train and network groups, also Welford's rule run as a user's strategy would
+  be (a subclass that keeps the protocol's default fold, a loop of ``step`` over the 64
+  pending batches, instead of the built-in closed form): what plugging in one's own strategy
+  costs, next to the same rule folded the built-in way.
 * train: one step, ``y = layer(x)`` then ``y.backward(dy)``, of ``BatchNorm(64, stats=s)``
   for s in "ema", "cumulative", "welford" and "exact" against ``nn.BatchNorm2d(64)`` in
   training mode, on x of shape (32, 64, 32, 32) float32 (mean 1, std 2, ``requires_grad``)
@@ -82,6 +86,10 @@ from typing import Any
 from _harness import cpu_name, import_torch, pin_threads, seconds_per_step
 
 STRATEGIES = ("ema", "cumulative", "welford", "exact")
+USER = "welford as user"
+"""Welford's rule as a user's strategy runs in the layer: the same step, folded by the
+protocol's default loop of steps instead of the built-in closed form (reported beside the
+built-in strategies, not judged against their targets)."""
 TORCH = "nn.BatchNorm2d"
 """The baseline's label in every group."""
 CONTROL = "control"
@@ -289,6 +297,22 @@ def autocast(torch: ModuleType, device: str, variant: Variant) -> Any:
     return torch.autocast(device, dtype=torch.float16, enabled=variant.autocast)
 
 
+def user_welford() -> type:
+    """:data:`USER`'s strategy class: Welford with the protocol's default fold."""
+    import normstats as ns
+
+    class UserWelford(ns.Welford):
+        name = "user_welford"
+        fold = ns.Strategy.fold
+
+    return UserWelford
+
+
+def stats_of(label: str) -> Any:
+    """The ``stats`` argument that a candidate's label stands for."""
+    return user_welford() if label == USER else label
+
+
 def make_layer(torch: ModuleType, label: str, device: str) -> Any:
     """``BatchNorm(64, stats=label)``, or ``nn.BatchNorm2d(64)`` for the baseline and the
     control, in training mode."""
@@ -298,7 +322,7 @@ def make_layer(torch: ModuleType, label: str, device: str) -> Any:
     if label in (TORCH, CONTROL):
         layer = torch.nn.BatchNorm2d(channels)
     else:
-        layer = BatchNorm(channels, stats=label)
+        layer = BatchNorm(channels, stats=stats_of(label))
     return layer.to(device).train()
 
 
@@ -332,7 +356,7 @@ def train_candidates(torch: ModuleType, device: str, variant: Variant = FLOAT32)
     x.requires_grad_(True)
     return [
         Candidate(label, training_step(torch, make_layer(torch, label, device), x, dy, variant))
-        for label in (*STRATEGIES, TORCH, CONTROL)
+        for label in (*STRATEGIES, USER, TORCH, CONTROL)
     ]
 
 
@@ -408,8 +432,8 @@ def network_candidates(
     labels = torch.randint(0, NETWORK_CLASSES, (NETWORK_INPUT[0],), generator=generator)
     labels = labels.to(device)
     models = {TORCH: plain, CONTROL: copy.deepcopy(plain)}
-    for label in STRATEGIES:
-        models[label] = convert(copy.deepcopy(plain), stats=label)
+    for label in (*STRATEGIES, USER):
+        models[label] = convert(copy.deepcopy(plain), stats=stats_of(label))
     return [
         Candidate(label, sgd_step(torch, model, x, labels, variant))
         for label, model in models.items()
@@ -595,6 +619,12 @@ def print_layer_group(device: str, title: str, result: Result, target: float) ->
         print(
             f"  {label:<16} {result.median_us(label):9.1f} us   ours / torch = "
             f"{result.ratio(label):5.3f}  (target <= {target:g})"
+        )
+    if USER in result.samples:
+        print(
+            f"  {USER:<16} {result.median_us(USER):9.1f} us   ours / torch = "
+            f"{result.ratio(USER):5.3f}  (a user's strategy: the default fold; / welford = "
+            f"{result.ratio(USER, 'welford'):5.3f})"
         )
 
 
