@@ -50,9 +50,14 @@ CHECKED = [ns.Standardizer(stats=stats) for stats in ALL] + [
 # not, on purpose: importing sklearn.base imports SciPy, which would add about two seconds
 # to every `import normstats` (test_importing_normstats_does_not_import_scikit_learn). It
 # implements the protocol instead, and every check below passes.
+# Older scikit-learn (1.7, the newest for NumPy 1.24) hands pytest a generator of checks,
+# which pytest 9 deprecates: the checks are listed first.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Estimator Standardizer does not inherit", UserWarning)
-    checked = parametrize_with_checks(CHECKED)
+    _mark = parametrize_with_checks(CHECKED).mark
+    checked = pytest.mark.parametrize(
+        _mark.args[0], list(_mark.args[1]), *_mark.args[2:], **_mark.kwargs
+    )
 
 
 @checked
