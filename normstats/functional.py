@@ -36,6 +36,7 @@ promotion gives).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from ._arrays import (
@@ -46,8 +47,9 @@ from ._arrays import (
     quiet_overflow,
     split_shape,
 )
-from .moments import Moments, moments_of_batch, reduce_batch
+from .moments import Moments, blend, moments_of_batch, reduce_batch
 from .typing import Array, Namespace
+from .validation import as_count, as_real
 
 
 class Cache(NamedTuple):
@@ -149,6 +151,50 @@ def eval_forward(
     if beta is not None:
         y += _along(xp, beta, y, axes, y.dtype)
     return y
+
+
+def prior_statistics(
+    source_mean: Array | float,
+    source_var: Array | float,
+    batch_mean: Array,
+    batch_var: Array,
+    prior: float,
+    batch_size: int,
+) -> tuple[Array, Array]:
+    r"""Source statistics and a test batch's own, weighted by a prior strength ``N`` and the
+    batch's size ``n`` (Schneider et al., 2020, "Improving robustness against common
+    corruptions by covariate shift adaptation", section 3):
+
+    .. math::
+
+        \bar\mu = \tfrac{N}{N+n}\,\mu_s + \tfrac{n}{N+n}\,\mu_b,\qquad
+        \bar\sigma^2 = \tfrac{N}{N+n}\,\sigma_s^2 + \tfrac{n}{N+n}\,\sigma_b^2
+
+    ``source_mean`` and ``source_var`` are the population statistics the layer evaluates
+    with (its unbiased running variance); ``batch_mean`` and ``batch_var`` are the batch's
+    mean and *biased* variance per feature, the ones batch normalization normalizes a
+    training batch with, so that ``prior=0`` is exactly a batch's own normalization and a
+    large ``prior`` the source statistics. ``batch_size`` is ``n``, the number of samples in
+    the batch (the length of its first axis, not the values per feature of an image
+    batch), as in the paper.
+
+    >>> import numpy as np
+    >>> mean, var = prior_statistics(0.0, 1.0, np.array([3.0]), np.array([4.0]), 16, 16)
+    >>> mean.tolist(), var.tolist()
+    ([1.5], [2.5])
+    """
+    weight = as_count("batch_size", batch_size) / _prior_strength(prior, batch_size)
+    return blend(source_mean, batch_mean, weight), blend(source_var, batch_var, weight)
+
+
+def _prior_strength(prior: object, batch_size: int) -> float:
+    """``prior + batch_size``, the prior strength checked to be finite and non-negative."""
+    strength = as_real("prior", prior)
+    if not (math.isfinite(strength) and strength >= 0):
+        raise ValueError(f"prior: expected a finite non-negative number, got {prior!r}")
+    if strength + batch_size == 0:
+        raise ValueError("batch_size: expected a batch of at least one sample, got 0")
+    return strength + batch_size
 
 
 def backward(dy: Array, cache: Cache) -> tuple[Array, Array | None, Array | None]:

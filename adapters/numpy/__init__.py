@@ -3,12 +3,14 @@
 A small, typed layer kit — ``Linear``, ``Conv``, ``ReLU``, ``GlobalAveragePool``, ``BatchNorm``
 (the engine), ``Sequential``,
 softmax cross-entropy, ``SGD`` — enough to train a network with BatchNorm on real data, and
-``recalibrate``, the exact full pass that fills each layer's statistics after training.
+``recalibrate``, the exact full pass that fills each layer's statistics after training, and
+``at_test_time``, the test-time statistics for shifted data (docs/test-time.md).
 """
 
 from .conv import Conv, GlobalAveragePool
 from .layers import BatchNorm, Layer, Linear, Parameter, ReLU, Sequential, flatten
 from .recalibrate import recalibrate
+from .testtime import TestTimeModel, at_test_time
 from .training import SGD, evaluate, fit, minibatches, softmax_cross_entropy
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "Parameter",
     "ReLU",
     "Sequential",
+    "TestTimeModel",
+    "at_test_time",
     "evaluate",
     "fit",
     "flatten",
