@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .runner import Record
+from .runner import Missing, Record
 
 
 def summary(records: Sequence[Record]) -> dict[tuple[Any, ...], tuple[float, float, int]]:
@@ -78,20 +78,22 @@ def table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
-def write(records: Sequence[Record], out: Path) -> list[Path]:
-    """``results.json``, ``results.csv`` and the plots in ``out``; returns the paths."""
+def write(records: Sequence[Record], out: Path, missing: Sequence[Missing] = ()) -> list[Path]:
+    """``results.json`` (the records, and the networks ``missing`` with the reason),
+    ``results.csv`` and the plots in ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.as_dict() for r in records]
     # Strict JSON: a missing value is null (its record says why); a NaN or Inf raises here
     # rather than be written as the bare NaN that standard JSON parsers refuse.
-    (out / "results.json").write_text(json.dumps({"records": rows}, indent=1, allow_nan=False))
+    document = {"records": rows, "missing": [m.as_dict() for m in missing]}
+    (out / "results.json").write_text(json.dumps(document, indent=1, allow_nan=False))
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["strategy"])
         writer.writeheader()
         for row in rows:
             distance = json.dumps(row["stats_distance"], allow_nan=False)
             writer.writerow({**row, "stats_distance": distance})
-    return [out / "results.json", out / "results.csv", *plot(records, out)]
+    return [out / "results.json", out / "results.csv", *(plot(records, out) if rows else [])]
 
 
 def plot(records: Sequence[Record], out: Path) -> list[Path]:
