@@ -107,10 +107,9 @@ def test_seeds_a_count_or_exactly_the_seeds_listed(text, parsed):
 def test_seed_list_runs_exactly_those_seeds():
     assert runner.seed_list(3) == [0, 1, 2]
     assert runner.seed_list([5, 6, 7]) == [5, 6, 7]
-    listed = compare("digits", backends=["numpy"], batch_sizes=[64], seeds=[1], epochs=[1],
-                     strategies="exact,batch")  # fmt: skip
-    counted = compare("digits", backends=["numpy"], batch_sizes=[64], seeds=2, epochs=[1],
-                      strategies="exact,batch")  # fmt: skip
+    small = {"backends": ["numpy"], "batch_sizes": [64], "epochs": [1], "strategies": "exact"}
+    listed = compare("digits", seeds=[1], **small)
+    counted = compare("digits", seeds=2, **small)
     assert {r.seed for r in listed} == {1}
     assert listed == [r for r in counted if r.seed == 1]
 
@@ -207,7 +206,8 @@ def test_debiased_ema_is_the_ema_with_its_initial_values_removed():
     steps = len(data.X_train) // 64
     plain = run.statistics("ema:0.1", [])
     debiased = run.statistics("ema:0.1:debias", [])
-    assert plain is not None and debiased is not None
+    assert plain is not None
+    assert debiased is not None
     left = 0.9**steps
     for (mean, var), (mean_d, var_d) in zip(plain, debiased, strict=True):
         np.testing.assert_allclose(mean_d, mean / (1 - left), rtol=1e-9)
@@ -283,7 +283,7 @@ def test_ctrl_c_with_worker_processes_exits_with_one_line(tmp_path):
     first = process.stderr.readline()  # the first finished network
     assert re.fullmatch(r"normstats compare: \[1/8\] numpy b=\d+ seed \d: done\n", first)
     process.send_signal(signal.SIGINT)
-    stdout, rest = process.communicate(timeout=120)
+    _, rest = process.communicate(timeout=120)
     assert process.returncode == 130, rest
     assert "Traceback" not in rest
     last = rest.strip().splitlines()[-1]
@@ -330,8 +330,16 @@ def test_records_carry_lr_test_size_version_shift_and_test_batch_size(grid):
 def test_records_as_json_carry_the_new_fields(tmp_path):
     from normstats.adapters.compare import report
 
-    records = compare("digits", backends=["numpy"], batch_sizes=[32], seeds=1, epochs=[1],
-                      strategies="exact,batch", shifts="offset:0.5", test_batch_size=50)  # fmt: skip
+    records = compare(
+        "digits",
+        backends=["numpy"],
+        batch_sizes=[32],
+        seeds=1,
+        epochs=[1],
+        strategies="exact,batch",
+        shifts="offset:0.5",
+        test_batch_size=50,
+    )
     report.write(records, tmp_path)
     stored = json.loads((tmp_path / "results.json").read_text())["records"]
     assert [(r["strategy"], r["shift"]) for r in stored] == [
