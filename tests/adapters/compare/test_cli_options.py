@@ -360,3 +360,48 @@ def test_records_as_json_carry_the_new_fields(tmp_path):
         "calibration_batch_size",
         "test_batch_size",
     ]
+
+
+# -- the table -----------------------------------------------------------------------------
+
+
+def test_table_fits_100_columns_and_marks_ties_by_paired_differences():
+    # Before: 8 batch sizes made 128-column lines, and only the best rounded... mean got a mark.
+    from scipy.stats import t
+
+    from normstats.adapters.compare import report
+
+    sizes = [2, 4, 8, 16, 32, 64, 128, 256]
+    records = [
+        runner.Record(
+            "numpy", "mlp", "digits", b, seed, 1, name, "none", acc, 0.1, b, b, 450, "0", []
+        )
+        for b in sizes
+        for seed in range(3)
+        for name, acc in (
+            ("exact", 0.9 + 0.01 * seed),
+            ("ema:0.1", 0.9 + 0.01 * seed - 0.001 * (seed + 1)),  # always behind: significant
+            ("batch", 0.9 + 0.01 * seed + (0.0, 0.01, -0.02)[seed]),  # behind, not significantly
+        )
+    ]
+    text = report.table(records)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    accuracy = text.split("minus exact")[0].splitlines()  # the first table
+    rows = [line for line in accuracy if line.split()[:1] in (["exact"], ["batch"])]
+    rows += [line for line in accuracy if line.startswith("ema:0.1")]
+    exact_cells = [c for line in rows if line.startswith("exact") for c in line.split()[1:]]
+    assert len(exact_cells) == 8
+    assert all(cell.endswith("*") for cell in exact_cells)
+    # batch - exact per seed: 0, +0.01, -0.02 -> a mean below 0 with a CI holding 0: "="
+    differences = [0.0, 0.01, -0.02]
+    half = t.ppf(0.975, 2) * np.std(differences, ddof=1) / np.sqrt(3)
+    assert abs(np.mean(differences)) <= half
+    batch_cells = [c for line in rows if line.startswith("batch") for c in line.split()[1:]]
+    assert len(batch_cells) == 8
+    assert all(cell.endswith("=") for cell in batch_cells)
+    ema_cells = [c for line in rows if line.startswith("ema:0.1") for c in line.split()[1:]]
+    assert not any(cell.endswith(("*", "=")) for cell in ema_cells[:8])
+    # the paired table: ema:0.1 - exact = -0.1, -0.2, -0.3 points per seed
+    minus = [line for line in text.splitlines() if line.startswith("ema:0.1")][-1]
+    half = 100 * t.ppf(0.975, 2) * np.std([0.001, 0.002, 0.003], ddof=1) / np.sqrt(3)
+    assert minus.split()[1] == f"-0.2±{half:.1f}"
