@@ -10,6 +10,7 @@ backend :class:`normstats.adapters.torch.BatchNorm`.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -43,11 +44,15 @@ Statistics = list[tuple[Any, Any]]
 class Run(Protocol):
     """A network being trained, its tracked strategies, and how to evaluate them."""
 
-    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> None: ...
+    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> float:
+        """Train on; return the mean training loss of the last epoch."""
+        ...
 
     def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None: ...
 
-    def accuracy(self, strategy: str, batch_size: int) -> float: ...
+    def accuracy(self, strategy: str, X: np.ndarray[Any, Any], batch_size: int) -> float:
+        """Accuracy on the test labels of the test inputs ``X`` (flat rows, maybe shifted)."""
+        ...
 
     def calibration_batches(self, batch_size: int) -> list[Any]: ...
 
@@ -120,7 +125,6 @@ class NumpyRun:
         self.model = Sequential(*layers)
         self.data, self.rng = data, rng
         self.X_train = data.X_train.reshape(-1, *self.sample_shape)
-        self.X_test = data.X_test.reshape(-1, *self.sample_shape)
         self.fanouts = [norm.stats for norm in self.norms]
         self.optimizer: SGD | None = None
 
@@ -130,16 +134,20 @@ class NumpyRun:
         self.norms.append(norm)
         return norm
 
-    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> None:
+    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> float:
         if self.optimizer is None:
             self.optimizer = SGD(self.model, lr=lr, momentum=0.9)
         X, y = self.X_train, self.data.y_train
         self.model.train()
+        losses: list[float] = []
         for _ in range(epochs):
+            losses = []
             for index in batches(len(X), batch_size, self.rng, drop_last=True):
-                _, grad = softmax_cross_entropy(self.model.forward(X[index]), y[index])
+                loss, grad = softmax_cross_entropy(self.model.forward(X[index]), y[index])
+                losses.append(loss)
                 self.model.backward(grad)
                 self.optimizer.step()
+        return float(np.mean(losses)) if losses else math.nan
 
     def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None:
         if strategy == "batch":
@@ -163,8 +171,8 @@ class NumpyRun:
         for norm, (mean, var) in zip(self.norms, found, strict=True):
             norm.stats = _Fixed(mean, var)
 
-    def accuracy(self, strategy: str, batch_size: int) -> float:
-        X, y = self.X_test, self.data.y_test
+    def accuracy(self, strategy: str, X: np.ndarray[Any, Any], batch_size: int) -> float:
+        X, y = X.reshape(-1, *self.sample_shape), self.data.y_test
         if strategy == "batch":
             saved = [norm.stats for norm in self.norms]
             for norm in self.norms:
@@ -228,9 +236,9 @@ class TorchRun:
         self.data = data
         self.generator = torch.Generator().manual_seed(seed)
         shape = data.image_shape if model == "cnn" else (data.X_train.shape[1],)
+        self.sample_shape = shape
         self.X_train = torch.as_tensor(data.X_train, dtype=torch.float32).reshape(-1, *shape)
         self.y_train = torch.as_tensor(data.y_train)
-        self.X_test = torch.as_tensor(data.X_test, dtype=torch.float32).reshape(-1, *shape)
         self.y_test = torch.as_tensor(data.y_test)
         self.fanouts = [FanOut(tracked) for _ in self.norms]
         self.tracking = True
@@ -247,22 +255,26 @@ class TorchRun:
 
         return track
 
-    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> None:
+    def train_epochs(self, epochs: int, batch_size: int, lr: float) -> float:
         torch = self.torch
         if self.optimizer is None:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
         self.model.train()
         n = len(self.X_train)
+        losses: list[Any] = []
         for _ in range(epochs):
+            losses = []
             order = torch.randperm(n, generator=self.generator).numpy()
             for index in batches(n, batch_size, None, drop_last=True):
                 rows = torch.as_tensor(order[index])
                 loss = torch.nn.functional.cross_entropy(
                     self.model(self.X_train[rows]), self.y_train[rows]
                 )
+                losses.append(loss.detach())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
+        return float(torch.stack(losses).double().mean()) if losses else math.nan
 
     def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None:
         if strategy == "batch":
@@ -285,9 +297,10 @@ class TorchRun:
             norm.load_calibration(ns.Moments(count, mean, var * (count - 1)))
         return found
 
-    def accuracy(self, strategy: str, batch_size: int) -> float:
+    def accuracy(self, strategy: str, X: np.ndarray[Any, Any], batch_size: int) -> float:
         torch = self.torch
-        X, y = self.X_test, self.y_test
+        X = torch.as_tensor(X, dtype=torch.float32).reshape(-1, *self.sample_shape)
+        y = self.y_test
         with torch.no_grad():
             if strategy == "batch":  # test batches normalized with their own statistics
                 self.model.eval()

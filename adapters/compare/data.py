@@ -31,6 +31,9 @@ class Dataset:
     y_test: np.ndarray[Any, Any]
     image_shape: tuple[int, ...]
     """(channels, length) or (channels, height, width): how the CNN sees a sample."""
+    spatial: bool = True
+    """Whether a sample's last axis is a spatial one (an image's width, a signal's time), as
+    a translation needs; False for an .npz of flat feature rows."""
 
     @property
     def num_classes(self) -> int:
@@ -101,9 +104,8 @@ def _npz(path: Path, seed: int) -> Dataset:
     X, y = arrays["X"], arrays["y"]
     _check_arrays(path, X, y)
     shape = (1, *X.shape[1:]) if X.ndim > 2 else (1, X.shape[1])
-    return _split(
-        str(path), X.reshape(len(X), -1).astype(np.float64), y.astype(np.int64), shape, seed
-    )
+    flat = X.reshape(len(X), -1).astype(np.float64)
+    return _split(str(path), flat, y.astype(np.int64), shape, seed, spatial=X.ndim > 2)
 
 
 def _check_arrays(path: Path, X: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> None:
@@ -152,7 +154,12 @@ def _check_arrays(path: Path, X: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) 
 
 
 def _split(
-    name: str, X: np.ndarray[Any, Any], y: np.ndarray[Any, Any], shape: tuple[int, ...], seed: int
+    name: str,
+    X: np.ndarray[Any, Any],
+    y: np.ndarray[Any, Any],
+    shape: tuple[int, ...],
+    seed: int,
+    spatial: bool = True,
 ) -> Dataset:
     """A stratified 75/25 split (fixed seed), then standardization."""
     from sklearn.model_selection import train_test_split
@@ -165,7 +172,7 @@ def _split(
         raise DatasetError(
             f"--dataset: {name}: cannot split into train and test ({error})"
         ) from None
-    return _standardized(name, X_train, y_train, X_test, y_test, shape)
+    return _standardized(name, X_train, y_train, X_test, y_test, shape, spatial)
 
 
 def _standardized(
@@ -175,10 +182,11 @@ def _standardized(
     X_test: np.ndarray[Any, Any],
     y_test: np.ndarray[Any, Any],
     shape: tuple[int, ...],
+    spatial: bool = True,
 ) -> Dataset:
     try:
         scaler = ns.Standardizer().fit(X_train)
         X_train, X_test = scaler.transform(X_train), scaler.transform(X_test)
     except ValueError as error:  # values whose squares overflow, for one
         raise DatasetError(f"--dataset: {name}: X cannot be standardized ({error})") from None
-    return Dataset(name, X_train, y_train, X_test, y_test, shape)
+    return Dataset(name, X_train, y_train, X_test, y_test, shape, spatial)

@@ -12,18 +12,43 @@ from typing import Any
 
 import numpy as np
 
-from .runner import Record
+from .runner import Missing, Record
+
+WIDTH = 100
+"""Terminal columns a table line may take; wider tables are cut into column groups."""
+
+Key = tuple[Any, ...]
+"""(backend, model, dataset, epochs, shift, strategy, batch size)."""
 
 
-def summary(records: Sequence[Record]) -> dict[tuple[Any, ...], tuple[float, float, int]]:
-    """Mean accuracy and the half-width of its 95% confidence interval over seeds, by
-    (backend, model, dataset, epochs, strategy, batch size)."""
-    groups: dict[tuple[Any, ...], list[float]] = defaultdict(list)
+def by_seed(records: Sequence[Record]) -> dict[Key, dict[int, float]]:
+    """Accuracy by seed, by (backend, model, dataset, epochs, shift, strategy, batch size)."""
+    groups: dict[Key, dict[int, float]] = defaultdict(dict)
     for r in records:
-        groups[(r.backend, r.model, r.dataset, r.epochs, r.strategy, r.batch_size)].append(
-            r.accuracy
-        )
-    return {key: (float(np.mean(v)), _half_width(v), len(v)) for key, v in groups.items()}
+        key = (r.backend, r.model, r.dataset, r.epochs, r.shift, r.strategy, r.batch_size)
+        groups[key][r.seed] = r.accuracy
+    return groups
+
+
+def summary(records: Sequence[Record]) -> dict[Key, tuple[float, float, int]]:
+    """Mean accuracy and the half-width of its 95% confidence interval over seeds, by
+    (backend, model, dataset, epochs, shift, strategy, batch size)."""
+    return {key: _mean_ci(list(v.values())) for key, v in by_seed(records).items()}
+
+
+def paired(
+    seeds: dict[Key, dict[int, float]], key: Key, reference: Key
+) -> tuple[float, float, int] | None:
+    """Mean and 95% half-width over seeds of accuracy(key) - accuracy(reference), taken per
+    seed (the same network); None when they share no seed."""
+    common = sorted(set(seeds.get(key, {})) & set(seeds.get(reference, {})))
+    if not common:
+        return None
+    return _mean_ci([seeds[key][s] - seeds[reference][s] for s in common])
+
+
+def _mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
+    return float(np.mean(values)), _half_width(values), len(values)
 
 
 def _half_width(values: Sequence[float]) -> float:
@@ -41,57 +66,118 @@ def _half_width(values: Sequence[float]) -> float:
 
 
 def table(records: Sequence[Record]) -> str:
-    """Strategy x batch size, mean ± 95% CI (in %) over seeds; ``*`` marks the best of each
-    column. One block per backend, model, dataset and training length."""
-    stats = summary(records)
-    blocks = sorted({key[:4] for key in stats})
+    """Strategy x batch size, mean ± 95% CI (in %) over seeds, one block per backend, model,
+    dataset, training length and shift. ``*`` marks the best mean of each column (unrounded)
+    and ``=`` every strategy whose paired difference from the best has a 95% CI that holds
+    0; with ``exact`` among the strategies, a second block gives each strategy's paired
+    difference from it. Lines fit in 100 columns (wide tables are cut into column groups)."""
+    seeds = by_seed(records)
+    stats = {key: _mean_ci(list(v.values())) for key, v in seeds.items()}
+    strategies = list(dict.fromkeys(r.strategy for r in records))
     lines: list[str] = []
-    for block in blocks:
-        backend, model, dataset, epochs = block
-        strategies = list(dict.fromkeys(r.strategy for r in records))
-        sizes = sorted({key[5] for key in stats if key[:4] == block})
-        seeds = max(n for key, (_, _, n) in stats.items() if key[:4] == block)
-        lines.append(
+    for block in sorted({key[:5] for key in stats}, key=_block_order):
+        backend, model, dataset, epochs, shift = block
+        sizes = sorted({key[6] for key in stats if key[:5] == block})
+        count = max(n for key, (_, _, n) in stats.items() if key[:5] == block)
+        title = (
             f"{backend} / {model} / {Path(dataset).name} / {epochs} "
-            f"epoch{'s' if epochs != 1 else ''} — test accuracy %, "
-            f"mean ± 95% CI over {seeds} seed{'s' if seeds != 1 else ''} (* best per column)"
+            f"epoch{'s' if epochs != 1 else ''} / shift {shift}"
         )
-        # the names column fits the longest name (a user's module:Class may be long)
-        width = max([16, *(len(strategy) + 2 for strategy in strategies)])
-        lines.append(f"{'strategy':<{width}}" + "".join(f"{f'b={b}':>14}" for b in sizes))
-        best = {
-            b: max(stats[key][0] for key in stats if key[:4] == block and key[5] == b)
-            for b in sizes
-        }
+        over = f"over {count} seed{'s' if count != 1 else ''}"
+        cells: dict[str, list[str]] = {}
         for strategy in strategies:
-            cells = []
+            cells[strategy] = []
             for b in sizes:
                 key = (*block, strategy, b)
                 if key not in stats:
-                    cells.append(f"{'-':>14}")
+                    cells[strategy].append("-")
                     continue
                 mean, half, _ = stats[key]
-                mark = "*" if mean == best[b] else " "
-                cells.append(f"{100 * mean:>7.1f}±{100 * half:<4.1f}{mark} ")
-            lines.append(f"{strategy:<{width}}" + "".join(cells))
+                cells[strategy].append(f"{100 * mean:.1f}±{100 * half:.1f}{_mark(seeds, key)}")
+        lines += _grid(f"{title} — test accuracy % {over}", "strategy", sizes, cells)
         lines.append("")
+        lines.append(
+            "mean ± 95% CI over seeds; * best mean; = paired difference from the best not "
+            "significant"
+        )
+        lines.append("")
+        if "exact" not in strategies:
+            continue
+        differences: dict[str, list[str]] = {}
+        for strategy in strategies:
+            if strategy == "exact":
+                continue
+            differences[strategy] = []
+            for b in sizes:
+                found = paired(seeds, (*block, strategy, b), (*block, "exact", b))
+                if found is None:
+                    differences[strategy].append("-")
+                    continue
+                mean, half, _ = found
+                differences[strategy].append(f"{100 * mean:+.1f}±{100 * half:.1f}")
+        if differences:
+            heading = f"{title} — minus exact, points, {over}"
+            lines += _grid(heading, "difference", sizes, differences)
+            lines.append("")
+            lines.append("paired mean ± 95% CI over seeds (the same network for both)")
+            lines.append("")
     return "\n".join(lines)
 
 
-def write(records: Sequence[Record], out: Path) -> list[Path]:
-    """``results.json``, ``results.csv`` and the plots in ``out``; returns the paths."""
+def _block_order(block: Key) -> tuple[Any, ...]:
+    """Backend, model, dataset, epochs; the unshifted test set before the shifts."""
+    return (*block[:4], block[4] != "none", block[4])
+
+
+def _mark(seeds: dict[Key, dict[int, float]], key: Key) -> str:
+    """``*`` for the best unrounded mean of the column, ``=`` for a strategy whose paired
+    difference from the best is not significant, a space otherwise."""
+    column = {k: float(np.mean(list(v.values()))) for k, v in seeds.items() if _same_cell(k, key)}
+    best = max(column.values())
+    if column[key] == best:
+        return "*"
+    leader = next(k for k, mean in column.items() if mean == best)
+    found = paired(seeds, key, leader)
+    if found is None or found[2] < 2:
+        return " "
+    mean, half, _ = found
+    return "=" if abs(mean) <= half else " "
+
+
+def _same_cell(a: Key, b: Key) -> bool:
+    return a[:5] == b[:5] and a[6] == b[6]
+
+
+def _grid(title: str, corner: str, sizes: list[int], rows: dict[str, list[str]]) -> list[str]:
+    """A title, then the rows under batch-size columns, in groups of columns that fit WIDTH."""
+    names = max([len(corner), *(len(name) for name in rows)]) + 2
+    cell = max([6, *(len(c) for cells in rows.values() for c in cells)]) + 2
+    per_line = max(1, (WIDTH - names) // cell)
+    lines = [title]
+    for first in range(0, len(sizes), per_line):
+        chunk = range(first, min(first + per_line, len(sizes)))
+        lines.append(f"{corner:<{names}}" + "".join(f"{f'b={sizes[i]}':>{cell}}" for i in chunk))
+        for name, cells in rows.items():
+            lines.append(f"{name:<{names}}" + "".join(f"{cells[i]:>{cell}}" for i in chunk))
+    return lines
+
+
+def write(records: Sequence[Record], out: Path, missing: Sequence[Missing] = ()) -> list[Path]:
+    """``results.json`` (the records, and the networks ``missing`` with the reason),
+    ``results.csv`` and the plots in ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.as_dict() for r in records]
     # Strict JSON: a missing value is null (its record says why); a NaN or Inf raises here
     # rather than be written as the bare NaN that standard JSON parsers refuse.
-    (out / "results.json").write_text(json.dumps({"records": rows}, indent=1, allow_nan=False))
+    document = {"records": rows, "missing": [m.as_dict() for m in missing]}
+    (out / "results.json").write_text(json.dumps(document, indent=1, allow_nan=False))
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["strategy"])
         writer.writeheader()
         for row in rows:
             distance = json.dumps(row["stats_distance"], allow_nan=False)
             writer.writerow({**row, "stats_distance": distance})
-    return [out / "results.json", out / "results.csv", *plot(records, out)]
+    return [out / "results.json", out / "results.csv", *(plot(records, out) if rows else [])]
 
 
 def plot(records: Sequence[Record], out: Path) -> list[Path]:
@@ -103,18 +189,18 @@ def plot(records: Sequence[Record], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     stats = summary(records)
-    blocks = sorted({key[:4] for key in stats})
+    blocks = sorted({key[:5] for key in stats}, key=_block_order)
     strategies = list(dict.fromkeys(r.strategy for r in records))
     paths = []
     figure, axes = plt.subplots(1, len(blocks), figsize=(6 * len(blocks), 4.2), squeeze=False)
     for ax, block in zip(axes[0], blocks, strict=True):
         for strategy in strategies:
             keys = sorted(
-                (k for k in stats if k[:4] == block and k[4] == strategy), key=lambda k: k[5]
+                (k for k in stats if k[:5] == block and k[5] == strategy), key=lambda k: k[6]
             )
             if not keys:
                 continue
-            sizes = [k[5] for k in keys]
+            sizes = [k[6] for k in keys]
             ax.errorbar(
                 sizes,
                 [100 * stats[k][0] for k in keys],
@@ -128,7 +214,7 @@ def plot(records: Sequence[Record], out: Path) -> list[Path]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(
             " / ".join(str(b) for b in (block[0], block[1], Path(block[2]).name))
-            + f" / {block[3]} ep"
+            + f" / {block[3]} ep / shift {block[4]}"
         )
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)

@@ -2,23 +2,28 @@
 
 For each backend, batch size and seed one network is trained (a learning rate scaled
 linearly with the batch size: ``lr * batch_size / 64``); after each training length in
-``epochs`` every strategy is evaluated on the test set, and the distance of its statistics
-from the exact full-pass statistics is measured per layer.
+``epochs`` every strategy is evaluated on the test set, as it is and under each covariate
+shift, and the distance of its statistics from the exact full-pass statistics is measured
+per layer. A network that diverges is left out with the reason; the others still count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
 import numpy as np
 
+import normstats as ns
+
+from . import shifts as shift_names
 from . import strategies as strategy_names
 from .backends import NumpyRun, Run, Statistics, TorchRun
 from .data import Dataset, load
@@ -30,7 +35,7 @@ REFERENCE_BATCH_SIZE = 64
 
 @attrs.frozen
 class Record:
-    """One evaluation: a strategy's test accuracy on one trained network."""
+    """One evaluation: a strategy's test accuracy on one trained network and one test set."""
 
     backend: str
     model: str
@@ -39,8 +44,18 @@ class Record:
     seed: int
     epochs: int
     strategy: str
+    shift: str
+    """The covariate shift of the test set (``"none"``, ``"noise:0.5"``, ...)."""
     accuracy: float
+    lr: float
+    """The learning rate the network trained at (``--lr`` scaled to the batch size)."""
     calibration_batch_size: int
+    test_batch_size: int
+    """Test batch size of the strategies that use test batches' own statistics."""
+    test_size: int
+    """Samples in the test set: the accuracy is a fraction of these."""
+    version: str
+    """The normstats version that computed it."""
     stats_distance: list[float | None]
     """Per BatchNorm layer: mean over channels of |mu - mu_exact| / sigma_exact +
     |sigma / sigma_exact - 1| (0 for the exact statistics; empty for "batch"). Channels whose
@@ -53,6 +68,34 @@ class Record:
         return attrs.asdict(self)
 
 
+@attrs.frozen
+class Missing:
+    """A network whose records are missing, and why (it diverged, or the run was stopped)."""
+
+    backend: str
+    batch_size: int
+    seed: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class IncompleteError(RuntimeError):
+    """Some networks did not finish: ``records`` holds every finished one's records and
+    ``missing`` the others with their reasons; ``interrupted`` when Ctrl-C stopped the run."""
+
+    def __init__(self, records: list[Record], missing: list[Missing], interrupted: bool) -> None:
+        self.records, self.missing, self.interrupted = records, missing, interrupted
+        total = len({(r.backend, r.batch_size, r.seed) for r in records}) + len(missing)
+        what = "interrupted" if interrupted else missing[0].reason
+        super().__init__(f"{len(missing)} of {total} networks did not finish ({what})")
+
+
+class DivergedError(ValueError):
+    """Training of one network diverged; the message says how."""
+
+
 @attrs.define
 class Timings:
     """Seconds spent, by backend and phase."""
@@ -63,121 +106,200 @@ class Timings:
         self.seconds[(backend, phase)] += time.perf_counter() - started
 
 
+def seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """``seeds`` as the seeds to run: a count N means 0..N-1, a sequence exactly its values."""
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ValueError(f"--seeds: expected a count >= 1 or a list of seeds, got {seeds}")
+        return list(range(int(seeds)))
+    values = list(seeds)  # type: ignore[arg-type]
+    _check_integers("--seeds", values, 0)
+    return values
+
+
+def _check_integers(option: str, values: Sequence[Any], least: int) -> None:
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+    if bad or not values or min(values) < least:
+        raise ValueError(f"{option}: expected integers >= {least}, got {list(values)}")
+    repeated = sorted({int(v) for v in values if list(values).count(v) > 1})
+    if repeated:
+        raise ValueError(f"{option}: expected each value once, got {repeated} more than once")
+
+
 def compare(
     dataset: str = "digits",
     *,
     backends: Sequence[str] = BACKENDS,
     model: str = "mlp",
     batch_sizes: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256),
-    seeds: int = 5,
+    seeds: int | Sequence[int] = 5,
     epochs: Sequence[int] = (5,),
     lr: float = 0.1,
     strategies: str | list[str] | tuple[str, ...] = strategy_names.DEFAULT,
+    shifts: str | list[str] | tuple[str, ...] = (shift_names.NONE,),
     calibration_batch_size: int | None = None,
+    test_batch_size: int | None = None,
     workers: int = 1,
-    progress: Any = None,
+    progress: Callable[[str], None] | None = None,
     timings: Timings | None = None,
 ) -> list[Record]:
     """Train BatchNorm networks and evaluate every strategy; return one record per
-    backend, batch size, seed, training length and strategy.
+    backend, batch size, seed, training length, shift and strategy.
 
-    ``workers`` > 1 trains in that many processes (one task per backend and batch size);
-    the records do not depend on it. ``progress`` (a tqdm bar) is advanced per network.
+    ``seeds`` is a count (0..N-1) or the seeds themselves. ``shifts`` lists covariate shifts
+    of the test set (``"none"``, the unshifted reference, is always evaluated first).
+    ``test_batch_size`` is the batch size of ``batch`` at test time (default: the training
+    batch size). ``workers`` > 1 trains in that many processes (one task per network); the
+    records do not depend on it. ``progress`` is called with a description of each finished
+    network. A network that diverges, or Ctrl-C, raises :class:`IncompleteError` carrying the
+    records of every network that finished and the reason for the others.
     """
     names = strategy_names.parse(strategies)
-    for option, values, least in (
-        ("--batch-sizes", batch_sizes, 2),
-        ("--epochs", epochs, 1),
-        ("--seeds", [seeds], 1),
-        ("--calibration-batch-size", [calibration_batch_size or 2], 2),
+    shift_list = shift_names.parse(shifts)
+    seed_values = seed_list(seeds)
+    _check_integers("--batch-sizes", list(batch_sizes), 2)
+    _check_integers("--epochs", list(epochs), 1)
+    for option, value in (
+        ("--calibration-batch-size", calibration_batch_size),
+        ("--test-batch-size", test_batch_size),
     ):
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < least]
-        if bad or not values:
-            raise ValueError(f"{option}: expected integers >= {least}, got {list(values)}")
-    batch_sizes = sorted(set(batch_sizes))
+        if value is not None:
+            _check_integers(option, [value], 2)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"--lr: expected a positive finite learning rate, got {lr!r}")
     for backend in backends:
         if backend not in BACKENDS:
             raise ValueError(f"--backend: expected torch, numpy or both, got {backend!r}")
     if model not in ("mlp", "cnn"):
         raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
-    load(dataset)  # fail early, in this process, on a bad dataset
+    data = load(dataset)  # fail early, in this process, on a bad dataset
+    shift_names.check(shift_list, data.image_shape, data.spatial, data.name)
+    too_large = [b for b in batch_sizes if b > len(data.X_train)]
+    if too_large:
+        raise ValueError(
+            f"--batch-sizes: expected at most the training set's {len(data.X_train)} samples "
+            f"({data.name}), got {too_large}"
+        )
     timings = timings if timings is not None else Timings()
     tasks = [
-        _Task(
+        _Network(
             dataset,
             backend,
             model,
             batch_size,
-            seeds,
+            seed,
             tuple(sorted(set(epochs))),
-            lr,
+            float(lr),
             names,
-            calibration_batch_size,
+            shift_list,
+            calibration_batch_size or batch_size,
+            test_batch_size or batch_size,
         )
         for backend in backends
-        for batch_size in batch_sizes
+        for batch_size in sorted(batch_sizes)
+        for seed in seed_values
     ]
     tasks.sort(key=lambda task: task.batch_size)  # the slowest (smallest batches) first
-    records: list[Record] = []
-    if workers <= 1:
-        for task in tasks:
-            found, spent = task.run(progress)
-            records += found
+    found: dict[_Network, list[Record] | Missing] = {}
+    try:
+        for task, outcome, spent in _run(tasks, workers):
+            found[task] = outcome
             _add(timings, spent)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+            if progress is not None:
+                what = outcome.reason if isinstance(outcome, Missing) else "done"
+                progress(f"[{len(found)}/{len(tasks)}] {task.describe()}: {what}")
+    except KeyboardInterrupt:
+        _raise_incomplete(tasks, found, interrupted=True)
+    if any(isinstance(outcome, Missing) for outcome in found.values()):
+        _raise_incomplete(tasks, found, interrupted=False)
+    return _ordered(tasks, found)
 
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        context = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(task.run) for task in tasks]
-            for future in as_completed(futures):
-                found, spent = future.result()
-                records += found
-                _add(timings, spent)
-                if progress is not None:
-                    progress.update(seeds)
-    order = {(b, n): i for i, (b, n) in enumerate((t.backend, t.batch_size) for t in tasks)}
-    records.sort(key=lambda r: (order[(r.backend, r.batch_size)], r.seed, r.epochs))
+
+def _ordered(tasks: list[_Network], found: dict[_Network, list[Record] | Missing]) -> list[Record]:
+    records: list[Record] = []
+    for task in tasks:
+        outcome = found.get(task)
+        if isinstance(outcome, list):
+            records += outcome
     return records
 
 
+def _raise_incomplete(
+    tasks: list[_Network], found: dict[_Network, list[Record] | Missing], interrupted: bool
+) -> None:
+    missing = [o for o in found.values() if isinstance(o, Missing)]
+    missing += [
+        Missing(t.backend, t.batch_size, t.seed, "not run: the comparison was interrupted")
+        for t in tasks
+        if t not in found
+    ]
+    raise IncompleteError(_ordered(tasks, found), missing, interrupted) from None
+
+
+def _run(
+    tasks: list[_Network], workers: int
+) -> Iterator[tuple[_Network, list[Record] | Missing, dict[tuple[str, str], float]]]:
+    """Each task's outcome as it finishes, in this process or in ``workers`` processes."""
+    if workers <= 1:
+        for task in tasks:
+            yield (task, *task.run())
+        return
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=_ignore_interrupts)
+    try:
+        for index, outcome, spent in pool.imap_unordered(_run_task, enumerate(tasks)):
+            yield tasks[index], outcome, spent
+        pool.close()
+    finally:
+        pool.terminate()  # at once on Ctrl-C or an error; after close, once every task is done
+        pool.join()
+
+
+def _ignore_interrupts() -> None:
+    """In a worker: Ctrl-C is the parent's to handle (it stops the workers and reports)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_task(
+    item: tuple[int, _Network],
+) -> tuple[int, list[Record] | Missing, dict[tuple[str, str], float]]:
+    index, task = item
+    return (index, *task.run())
+
+
 @attrs.frozen
-class _Task:
-    """Every seed of one backend and batch size (what one worker process runs)."""
+class _Network:
+    """One network of one backend, batch size and seed, and what to evaluate on it."""
 
     dataset: str
     backend: str
     model: str
     batch_size: int
-    seeds: int
+    seed: int
     epochs: tuple[int, ...]
     lr: float
     names: tuple[str, ...]
-    calibration_batch_size: int | None
+    shifts: tuple[str, ...]
+    calibration_batch_size: int
+    test_batch_size: int
 
-    def run(self, progress: Any = None) -> tuple[list[Record], dict[tuple[str, str], float]]:
-        data = load(self.dataset)
+    def describe(self) -> str:
+        return f"{self.backend} b={self.batch_size} seed {self.seed}"
+
+    def run(self) -> tuple[list[Record] | Missing, dict[tuple[str, str], float]]:
+        """The network's records, or why it has none."""
         timings = Timings()
-        records: list[Record] = []
         with _one_thread(torch_too=self.backend == "torch"):
-            for seed in range(self.seeds):
-                records += _one_network(
-                    data,
-                    self.backend,
-                    self.model,
-                    self.batch_size,
-                    seed,
-                    list(self.epochs),
-                    self.lr,
-                    self.names,
-                    self.calibration_batch_size or self.batch_size,
-                    timings,
-                )
-                if progress is not None:
-                    progress.update(1)
-        return records, dict(timings.seconds)
+            try:
+                return _one_network(self, load(self.dataset), timings), dict(timings.seconds)
+            except DivergedError as error:
+                reason = f"diverged: {error}"
+            except (ValueError, FloatingPointError, OverflowError) as error:
+                # what the engine raises on non-finite values, as training blows up
+                reason = f"failed: {error}"
+            return Missing(self.backend, self.batch_size, self.seed, reason), dict(timings.seconds)
 
 
 @contextlib.contextmanager
@@ -208,55 +330,74 @@ def _add(timings: Timings, spent: dict[tuple[str, str], float]) -> None:
         timings.seconds[key] += seconds
 
 
-def _one_network(
-    data: Dataset,
-    backend: str,
-    model: str,
-    batch_size: int,
-    seed: int,
-    epochs: list[int],
-    lr: float,
-    names: tuple[str, ...],
-    calibration_batch_size: int,
-    timings: Timings,
-) -> list[Record]:
+def _one_network(task: _Network, data: Dataset, timings: Timings) -> list[Record]:
     started = time.perf_counter()
-    tracked = strategy_names.tracked(names)
-    run: Run = (NumpyRun if backend == "numpy" else TorchRun)(data, model, seed, tracked)
-    calibration = run.calibration_batches(calibration_batch_size)
+    backend, batch_size = task.backend, task.batch_size
+    tracked = strategy_names.tracked(task.names)
+    run: Run = (NumpyRun if backend == "numpy" else TorchRun)(data, task.model, task.seed, tracked)
+    calibration = run.calibration_batches(task.calibration_batch_size)
+    test_sets = {
+        shift: shift_names.apply(shift, data.X_test, data.image_shape, task.seed)
+        for shift in task.shifts
+    }
+    lr = task.lr * batch_size / REFERENCE_BATCH_SIZE
     timings.add(backend, "set-up", started)
     records: list[Record] = []
     done = 0
-    for total in epochs:
+    for total in task.epochs:
         started = time.perf_counter()
-        run.train_epochs(total - done, batch_size, lr * batch_size / REFERENCE_BATCH_SIZE)
+        loss = run.train_epochs(total - done, batch_size, lr)
         done = total
         timings.add(backend, "training", started)
+        _check_loss(loss, total, lr, data.num_classes)
         started = time.perf_counter()
         reference = run.statistics("exact", calibration)
         found: dict[str, Statistics | None] = {}
-        accuracy: dict[str, float] = {}
-        for name in names:
+        accuracy: dict[tuple[str, str], float] = {}
+        for name in task.names:
             found[name] = reference if name == "exact" else run.statistics(name, calibration)
-            accuracy[name] = run.accuracy(name, batch_size)
+            for shift, X in test_sets.items():
+                accuracy[(name, shift)] = run.accuracy(name, X, task.test_batch_size)
         run.restore_training_statistics()
         timings.add(backend, "evaluation", started)
-        for name in names:
-            records.append(
-                Record(
-                    backend,
-                    model,
-                    data.name,
-                    batch_size,
-                    seed,
-                    total,
-                    name,
-                    accuracy[name],
-                    calibration_batch_size,
-                    *_distance(found[name], reference),
+        for shift in task.shifts:
+            for name in task.names:
+                records.append(
+                    Record(
+                        backend,
+                        task.model,
+                        data.name,
+                        batch_size,
+                        task.seed,
+                        total,
+                        name,
+                        shift,
+                        accuracy[(name, shift)],
+                        lr,
+                        task.calibration_batch_size,
+                        task.test_batch_size,
+                        len(data.y_test),
+                        ns.__version__,
+                        *_distance(found[name], reference),
+                    )
                 )
-            )
     return records
+
+
+RUNAWAY = 10.0
+"""A training loss above this many times ln(classes), the loss of a uniform guess, is taken
+as divergence: a network that learns anything stays below ln(classes), and a blown-up one is
+far above it (at lr 1000 on digits, 1e3 to 1e80)."""
+
+
+def _check_loss(loss: float, epochs: int, lr: float, classes: int) -> None:
+    """Raise :class:`DivergedError` when the last epoch's mean training loss says it blew up."""
+    chance = math.log(classes)
+    if not math.isfinite(loss) or loss > RUNAWAY * chance:
+        raise DivergedError(
+            f"mean training loss {loss:.3g} in epoch {epochs} at lr {lr:g}, above "
+            f"{RUNAWAY:g} x ln({classes}) = {RUNAWAY * chance:.3g}; a smaller --lr may train"
+        )
 
 
 def _distance(

@@ -1,6 +1,7 @@
 """The strategies a comparison evaluates, by name, and how each is obtained.
 
-``cumulative``, ``ema:<momentum>``, ``welford`` and a user's strategy named by its import
+``cumulative``, ``ema:<momentum>`` (``ema:<momentum>:debias`` with bias correction),
+``welford`` and a user's strategy named by its import
 path ``module:Class`` (a subclass of :class:`normstats.Strategy`) are tracked during
 training, all from the same batches of the same network; ``exact`` (one pass) and
 ``exact-layerwise`` come from recalibration after training; ``batch`` normalizes test
@@ -30,10 +31,7 @@ def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         if name in (*CALIBRATED, "batch", "cumulative", "welford"):
             continue
         if name.startswith("ema:"):
-            try:
-                ns.EMA(momentum=float(name[4:]))
-            except ValueError as error:
-                raise StrategyError(f"--strategies: {name!r}: {error}") from None
+            _ema(name)
             continue
         if ":" in name:
             try:
@@ -45,7 +43,8 @@ def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
             continue
         raise StrategyError(
             f"--strategies: unknown strategy {name!r}; expected some of {', '.join(DEFAULT)} "
-            f"(ema takes any momentum, as ema:0.05), or a strategy class as module:Class"
+            f"(ema takes any momentum, as ema:0.05, and :debias for bias correction, as "
+            f"ema:0.1:debias), or a strategy class as module:Class"
         )
     if not items:
         raise StrategyError("--strategies: expected at least one strategy, got none")
@@ -60,5 +59,19 @@ def tracked(names: tuple[str, ...]) -> tuple[str, ...]:
 def estimator(name: str) -> Strategy:
     """A fresh estimator for a tracked strategy (``module:Class`` built with no arguments)."""
     if name.startswith("ema:"):
-        return ns.EMA(momentum=float(name[4:]))
+        return _ema(name)
     return ns.make_stats(name)
+
+
+def _ema(name: str) -> ns.EMA:
+    """``ema:<momentum>`` or ``ema:<momentum>:debias`` (zero start, Adam-style correction)."""
+    momentum, _, flag = name[4:].partition(":")
+    if flag not in ("", "debias"):
+        raise StrategyError(
+            f"--strategies: {name!r}: expected ema:<momentum> or ema:<momentum>:debias, "
+            f"got {flag!r} after the momentum"
+        )
+    try:
+        return ns.EMA(momentum=float(momentum), debias=flag == "debias")
+    except ValueError as error:
+        raise StrategyError(f"--strategies: {name!r}: {error}") from None

@@ -25,8 +25,13 @@ RECORD_FIELDS = (
     "seed",
     "epochs",
     "strategy",
+    "shift",
     "accuracy",
+    "lr",
     "calibration_batch_size",
+    "test_batch_size",
+    "test_size",
+    "version",
     "stats_distance",
     "stats_distance_note",
 )

@@ -106,7 +106,8 @@ def test_compare_help_lists_its_options(capsys):
 def test_results_json_holds_the_functions_records(loud, records):
     out, _ = loud
     stored = json.loads((out / "results.json").read_text())
-    assert list(stored) == ["records"]
+    assert list(stored) == ["records", "missing"]
+    assert stored["missing"] == []
     assert len(stored["records"]) == len(records) == 28
     for row in stored["records"]:
         assert tuple(row) == RECORD_FIELDS
