@@ -24,6 +24,7 @@ from ..numpy import (
     Linear,
     ReLU,
     Sequential,
+    at_test_time,
     recalibrate,
     softmax_cross_entropy,
 )
@@ -49,6 +50,10 @@ class Run(Protocol):
         ...
 
     def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None: ...
+
+    def use(self, found: Statistics) -> None:
+        """Make ``found`` every layer's statistics (the source of a test-time strategy)."""
+        ...
 
     def accuracy(self, strategy: str, X: np.ndarray[Any, Any], batch_size: int) -> float:
         """Accuracy on the test labels of the test inputs ``X`` (flat rows, maybe shifted)."""
@@ -168,11 +173,27 @@ class NumpyRun:
         return found
 
     def _use(self, strategy: str, found: Statistics) -> None:
+        self.use(found)
+
+    def use(self, found: Statistics) -> None:
         for norm, (mean, var) in zip(self.norms, found, strict=True):
             norm.stats = _Fixed(mean, var)
 
     def accuracy(self, strategy: str, X: np.ndarray[Any, Any], batch_size: int) -> float:
         X, y = X.reshape(-1, *self.sample_shape), self.data.y_test
+        if strategies.is_test_time(strategy):
+            test_batches = [(X[i], y[i]) for i in batches(len(X), batch_size)]
+            adapting = strategy == "adapt"
+            if adapting:  # recalibrated on the test inputs, into layers that can take it
+                for norm in self.norms:
+                    norm.stats = ns.ExactFullPass()
+            data = [x for x, _ in test_batches] if adapting else None
+            with at_test_time(self.model, strategy, data):
+                correct = sum(
+                    int((self.model.forward(x).argmax(1) == labels).sum())
+                    for x, labels in test_batches
+                )
+            return correct / len(X)
         if strategy == "batch":
             saved = [norm.stats for norm in self.norms]
             for norm in self.norms:
@@ -288,20 +309,37 @@ class TorchRun:
                 for norm in self.norms
             ]
         found: Statistics = []
-        for norm, fanout in zip(self.norms, self.fanouts, strict=True):
+        for fanout in self.fanouts:
             estimator = fanout.estimators[strategy]
-            mean, var = np.asarray(estimator.mean), np.asarray(estimator.var)
-            found.append((mean, var))
-            count = max(estimator.count, 2)
-            # make these the layer's statistics
-            norm.load_calibration(ns.Moments(count, mean, var * (count - 1)))
+            found.append((np.asarray(estimator.mean), np.asarray(estimator.var)))
+        self.use(found)
         return found
+
+    def use(self, found: Statistics) -> None:
+        for norm, (mean, var) in zip(self.norms, found, strict=True):
+            count = 2  # any count: the layer's estimate is the mean and var given
+            norm.load_calibration(ns.Moments(count, mean, var * (count - 1)))
 
     def accuracy(self, strategy: str, X: np.ndarray[Any, Any], batch_size: int) -> float:
         torch = self.torch
         X = torch.as_tensor(X, dtype=torch.float32).reshape(-1, *self.sample_shape)
         y = self.y_test
         with torch.no_grad():
+            if strategies.is_test_time(strategy):
+                from ..torch import at_test_time as at_test_time_torch
+
+                test_batches = [(X[i], y[i]) for i in batches(len(X), batch_size)]
+                data = [x for x, _ in test_batches] if strategy == "adapt" else None
+                self.tracking = False
+                try:
+                    with at_test_time_torch(self.model, strategy, data):
+                        correct = sum(
+                            int((self.model(x).argmax(1) == labels).sum())
+                            for x, labels in test_batches
+                        )
+                finally:
+                    self.tracking = True
+                return correct / len(X)
             if strategy == "batch":  # test batches normalized with their own statistics
                 self.model.eval()
                 self.tracking = False

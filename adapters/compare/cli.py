@@ -114,10 +114,11 @@ def parser() -> argparse.ArgumentParser:
         "and backends.",
         epilog="strategies: exact, exact-layerwise (recalibration after training); cumulative, "
         "ema:<momentum> (as ema:0.1; ema:0.1:debias with bias correction), welford (tracked "
-        "in training); batch (test batches' own statistics); a strategy class as "
-        "module:Class. shifts: none, noise:<sigma>, contrast:<s> (x*(1-s)), offset:<s> "
-        "(x+s), translate:<positions> (images and signals), applied to the standardized test "
-        "set.",
+        "in training); batch (test batches' own statistics); adapt, prior:<N>, "
+        "stream:<strategy> (test-time statistics from the exact ones, docs/test-time.md); a "
+        "strategy class as module:Class. shifts: none, noise:<sigma>, contrast:<s> "
+        "(x*(1-s)), offset:<s> (x+s), translate:<positions> (images and signals), applied to "
+        "the standardized test set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     compare.add_argument(

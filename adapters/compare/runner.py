@@ -355,8 +355,14 @@ def _one_network(task: _Network, data: Dataset, timings: Timings) -> list[Record
         found: dict[str, Statistics | None] = {}
         accuracy: dict[tuple[str, str], float] = {}
         for name in task.names:
-            found[name] = reference if name == "exact" else run.statistics(name, calibration)
+            adapting = strategy_names.is_test_time(name)  # from the exact statistics
+            if adapting:
+                found[name] = None  # its statistics change along the test set
+            else:
+                found[name] = reference if name == "exact" else run.statistics(name, calibration)
             for shift, X in test_sets.items():
+                if adapting and reference is not None:
+                    run.use(reference)  # each shift's adaptation starts from the source
                 accuracy[(name, shift)] = run.accuracy(name, X, task.test_batch_size)
         run.restore_training_statistics()
         timings.add(backend, "evaluation", started)

@@ -5,7 +5,9 @@
 path ``module:Class`` (a subclass of :class:`normstats.Strategy`) are tracked during
 training, all from the same batches of the same network; ``exact`` (one pass) and
 ``exact-layerwise`` come from recalibration after training; ``batch`` normalizes test
-batches with their own statistics.
+batches with their own statistics. The test-time strategies ``adapt``, ``prior:N`` and
+``stream:<strategy>`` start from the exact one-pass statistics and adapt them to the (maybe
+shifted) test data, as docs/test-time.md defines them.
 """
 
 from __future__ import annotations
@@ -13,11 +15,21 @@ from __future__ import annotations
 import normstats as ns
 from normstats.estimators import Strategy
 
+from ..testtime import parse_test_time
+
 DEFAULT = ("exact", "exact-layerwise", "cumulative", "ema:0.1", "ema:0.01", "welford", "batch")
 """What ``normstats compare`` evaluates unless ``--strategies`` says otherwise."""
 
 CALIBRATED = ("exact", "exact-layerwise")
 """Filled by recalibration after training (one pass / layer by layer)."""
+
+TEST_TIME_KINDS = ("adapt", "prior", "stream")
+"""Test-time strategies, from the exact statistics (``batch`` has a name of its own above)."""
+
+
+def is_test_time(name: str) -> bool:
+    """Whether ``name`` is a test-time strategy: ``adapt``, ``prior:N``, ``stream:<strategy>``."""
+    return name.partition(":")[0] in TEST_TIME_KINDS
 
 
 class StrategyError(ValueError):
@@ -33,6 +45,12 @@ def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         if name.startswith("ema:"):
             _ema(name)
             continue
+        if is_test_time(name):
+            try:
+                parse_test_time(name, "--strategies")
+            except (TypeError, ValueError) as error:
+                raise StrategyError(str(error)) from None
+            continue
         if ":" in name:
             try:
                 ns.make_stats(name)
@@ -44,7 +62,8 @@ def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         raise StrategyError(
             f"--strategies: unknown strategy {name!r}; expected some of {', '.join(DEFAULT)} "
             f"(ema takes any momentum, as ema:0.05, and :debias for bias correction, as "
-            f"ema:0.1:debias), or a strategy class as module:Class"
+            f"ema:0.1:debias), a test-time strategy (adapt, prior:N, stream:<strategy>), or a "
+            f"strategy class as module:Class"
         )
     if not items:
         raise StrategyError("--strategies: expected at least one strategy, got none")
@@ -53,7 +72,9 @@ def parse(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 def tracked(names: tuple[str, ...]) -> tuple[str, ...]:
     """The strategies kept during training."""
-    return tuple(n for n in names if n in ("cumulative", "welford") or ":" in n)
+    return tuple(
+        n for n in names if n in ("cumulative", "welford") or (":" in n and not is_test_time(n))
+    )
 
 
 def estimator(name: str) -> Strategy:
