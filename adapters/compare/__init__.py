@@ -7,6 +7,7 @@ threadpoolctl: ``pip install 'normstats[compare]'``) is imported only when a com
 """
 
 from .cli import main
+from .plots import plots_from_results
 from .runner import Record, compare
 
-__all__ = ["Record", "compare", "main"]
+__all__ = ["Record", "compare", "main", "plots_from_results"]

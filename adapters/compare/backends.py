@@ -59,7 +59,11 @@ class Run(Protocol):
         """Accuracy on the test labels of the test inputs ``X`` (flat rows, maybe shifted)."""
         ...
 
-    def calibration_batches(self, batch_size: int) -> list[Any]: ...
+    def calibration_batches(
+        self, batch_size: int, rows: np.ndarray[Any, Any] | None = None
+    ) -> list[Any]:
+        """The training inputs (those at ``rows``, else all), in consecutive batches."""
+        ...
 
     def restore_training_statistics(self) -> None: ...
 
@@ -211,8 +215,11 @@ class NumpyRun:
         self.model.eval()
         return int((self.model.forward(X).argmax(1) == y).sum()) / len(y)
 
-    def calibration_batches(self, batch_size: int) -> list[Any]:
-        return [self.X_train[i] for i in batches(len(self.X_train), batch_size)]
+    def calibration_batches(
+        self, batch_size: int, rows: np.ndarray[Any, Any] | None = None
+    ) -> list[Any]:
+        X = self.X_train if rows is None else self.X_train[rows]
+        return [X[i] for i in batches(len(X), batch_size)]
 
     def restore_training_statistics(self) -> None:
         for norm, fanout in zip(self.norms, self.fanouts, strict=True):
@@ -356,8 +363,11 @@ class TorchRun:
             self.model.eval()
             return int((self.model(X).argmax(1) == y).sum()) / len(y)
 
-    def calibration_batches(self, batch_size: int) -> list[Any]:
-        return [self.X_train[i] for i in batches(len(self.X_train), batch_size)]
+    def calibration_batches(
+        self, batch_size: int, rows: np.ndarray[Any, Any] | None = None
+    ) -> list[Any]:
+        X = self.X_train if rows is None else self.X_train[rows]
+        return [X[i] for i in batches(len(X), batch_size)]
 
     def restore_training_statistics(self) -> None:
         """Nothing to do: the tracked strategies live beside the layers."""

@@ -170,6 +170,12 @@ def parser() -> argparse.ArgumentParser:
         help="batch size of the exact full pass (None: the training batch size)",
     )
     compare.add_argument(
+        "--calibration-samples",
+        default="all",
+        help="training samples of the exact pass, comma-separated: integers >= 2 (a seeded "
+        "random subset per network) or all (the whole training set); each value is evaluated",
+    )
+    compare.add_argument(
         "--test-batch-size",
         type=_batch_size,
         default=None,
@@ -274,6 +280,7 @@ def _compare(arguments: argparse.Namespace) -> int:
             strategies=names,
             shifts=arguments.shift,
             calibration_batch_size=arguments.calibration_batch_size,
+            calibration_samples=arguments.calibration_samples,
             test_batch_size=arguments.test_batch_size,
             workers=arguments.workers,
             progress=progress,

@@ -1,4 +1,5 @@
-"""What a comparison leaves behind: a terminal table, results.json / results.csv, PNG plots."""
+"""What a comparison leaves behind: a terminal table, results.json / results.csv and the
+plots (drawn by :mod:`.plots`)."""
 
 from __future__ import annotations
 
@@ -12,27 +13,30 @@ from typing import Any
 
 import numpy as np
 
-from .runner import Missing, Record
+from .runner import ALL, Missing, Record
 
 WIDTH = 100
 """Terminal columns a table line may take; wider tables are cut into column groups."""
 
 Key = tuple[Any, ...]
-"""(backend, model, dataset, epochs, shift, strategy, batch size)."""
+"""(backend, model, dataset, epochs, shift, calibration samples, strategy, batch size): the
+first six name a block of the table (a panel of the plots), then its row and its column."""
+BLOCK = 6
 
 
 def by_seed(records: Sequence[Record]) -> dict[Key, dict[int, float]]:
-    """Accuracy by seed, by (backend, model, dataset, epochs, shift, strategy, batch size)."""
+    """Accuracy by seed, by :data:`Key`."""
     groups: dict[Key, dict[int, float]] = defaultdict(dict)
     for r in records:
-        key = (r.backend, r.model, r.dataset, r.epochs, r.shift, r.strategy, r.batch_size)
+        block = (r.backend, r.model, r.dataset, r.epochs, r.shift, r.calibration_samples)
+        key = (*block, r.strategy, r.batch_size)
         groups[key][r.seed] = r.accuracy
     return groups
 
 
 def summary(records: Sequence[Record]) -> dict[Key, tuple[float, float, int]]:
-    """Mean accuracy and the half-width of its 95% confidence interval over seeds, by
-    (backend, model, dataset, epochs, shift, strategy, batch size)."""
+    """Mean accuracy, the half-width of its 95% confidence interval over seeds and the
+    number of seeds, by :data:`Key`."""
     return {key: _mean_ci(list(v.values())) for key, v in by_seed(records).items()}
 
 
@@ -67,22 +71,19 @@ def _half_width(values: Sequence[float]) -> float:
 
 def table(records: Sequence[Record]) -> str:
     """Strategy x batch size, mean ± 95% CI (in %) over seeds, one block per backend, model,
-    dataset, training length and shift. ``*`` marks the best mean of each column (unrounded)
-    and ``=`` every strategy whose paired difference from the best has a 95% CI that holds
-    0; with ``exact`` among the strategies, a second block gives each strategy's paired
-    difference from it. Lines fit in 100 columns (wide tables are cut into column groups)."""
+    dataset, training length, shift and number of calibration samples. ``*`` marks the best
+    mean of each column (unrounded) and ``=`` every strategy whose paired difference from the
+    best has a 95% CI that holds 0; with ``exact`` among the strategies, a second block gives
+    each strategy's paired difference from it. Lines fit in 100 columns (wide tables are cut
+    into column groups)."""
     seeds = by_seed(records)
     stats = {key: _mean_ci(list(v.values())) for key, v in seeds.items()}
     strategies = list(dict.fromkeys(r.strategy for r in records))
     lines: list[str] = []
-    for block in sorted({key[:5] for key in stats}, key=_block_order):
-        backend, model, dataset, epochs, shift = block
-        sizes = sorted({key[6] for key in stats if key[:5] == block})
-        count = max(n for key, (_, _, n) in stats.items() if key[:5] == block)
-        title = (
-            f"{backend} / {model} / {Path(dataset).name} / {epochs} "
-            f"epoch{'s' if epochs != 1 else ''} / shift {shift}"
-        )
+    for block in blocks(stats):
+        sizes = sorted({key[BLOCK + 1] for key in stats if key[:BLOCK] == block})
+        count = max(n for key, (_, _, n) in stats.items() if key[:BLOCK] == block)
+        title = block_title(block)
         over = f"over {count} seed{'s' if count != 1 else ''}"
         cells: dict[str, list[str]] = {}
         for strategy in strategies:
@@ -124,9 +125,26 @@ def table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
-def _block_order(block: Key) -> tuple[Any, ...]:
-    """Backend, model, dataset, epochs; the unshifted test set before the shifts."""
-    return (*block[:4], block[4] != "none", block[4])
+def blocks(stats: dict[Key, Any]) -> list[Key]:
+    """The blocks of ``stats``' keys in table order: by backend, model, dataset and epochs;
+    the unshifted test set before the shifts; calibration samples from few to all."""
+
+    def order(block: Key) -> tuple[Any, ...]:
+        samples = block[5]
+        return (*block[:4], block[4] != "none", block[4], samples == ALL, str(samples).zfill(9))
+
+    return sorted({key[:BLOCK] for key in stats}, key=order)
+
+
+def block_title(block: Key) -> str:
+    """``torch / mlp / digits / 5 epochs / shift none``, then ``/ 64 calibration samples``
+    unless the exact pass took the whole training set."""
+    backend, model, dataset, epochs, shift, samples = block
+    title = (
+        f"{backend} / {model} / {Path(dataset).name} / {epochs} "
+        f"epoch{'s' if epochs != 1 else ''} / shift {shift}"
+    )
+    return title if samples == ALL else f"{title} / {samples} calibration samples"
 
 
 def _mark(seeds: dict[Key, dict[int, float]], key: Key) -> str:
@@ -145,7 +163,7 @@ def _mark(seeds: dict[Key, dict[int, float]], key: Key) -> str:
 
 
 def _same_cell(a: Key, b: Key) -> bool:
-    return a[:5] == b[:5] and a[6] == b[6]
+    return a[:BLOCK] == b[:BLOCK] and a[BLOCK + 1] == b[BLOCK + 1]
 
 
 def _grid(title: str, corner: str, sizes: list[int], rows: dict[str, list[str]]) -> list[str]:
@@ -177,85 +195,10 @@ def write(records: Sequence[Record], out: Path, missing: Sequence[Missing] = ())
         for row in rows:
             distance = json.dumps(row["stats_distance"], allow_nan=False)
             writer.writerow({**row, "stats_distance": distance})
-    return [out / "results.json", out / "results.csv", *(plot(records, out) if rows else [])]
+    if not rows:
+        return [out / "results.json", out / "results.csv"]
+    from .plots import plot_accuracy, plot_distance
 
-
-def plot(records: Sequence[Record], out: Path) -> list[Path]:
-    """accuracy.png (accuracy vs batch size per strategy, 95% CI error bars) and
-    distance.png (distance of each strategy's statistics from the exact ones)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = summary(records)
-    blocks = sorted({key[:5] for key in stats}, key=_block_order)
-    strategies = list(dict.fromkeys(r.strategy for r in records))
-    paths = []
-    figure, axes = plt.subplots(1, len(blocks), figsize=(6 * len(blocks), 4.2), squeeze=False)
-    for ax, block in zip(axes[0], blocks, strict=True):
-        for strategy in strategies:
-            keys = sorted(
-                (k for k in stats if k[:5] == block and k[5] == strategy), key=lambda k: k[6]
-            )
-            if not keys:
-                continue
-            sizes = [k[6] for k in keys]
-            ax.errorbar(
-                sizes,
-                [100 * stats[k][0] for k in keys],
-                yerr=[100 * stats[k][1] for k in keys],
-                label=strategy,
-                marker="o",
-                capsize=3,
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(
-            " / ".join(str(b) for b in (block[0], block[1], Path(block[2]).name))
-            + f" / {block[3]} ep / shift {block[4]}"
-        )
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    figure.tight_layout()
-    paths.append(out / "accuracy.png")
-    figure.savefig(paths[-1], dpi=110)
-    plt.close(figure)
-
-    distances: dict[tuple[Any, ...], list[float]] = defaultdict(list)
-    several = len({r.epochs for r in records}) > 1  # keep training lengths apart
-    for r in records:
-        known = [d for d in r.stats_distance if d is not None]
-        if known:
-            label = f"{r.strategy} ({r.epochs} ep)" if several else r.strategy
-            distances[(r.backend, label, r.batch_size)].append(float(np.mean(known)))
-    backends = sorted({k[0] for k in distances})
-    figure, axes = plt.subplots(
-        1, max(len(backends), 1), figsize=(6 * max(len(backends), 1), 4.2), squeeze=False
-    )
-    for ax, backend in zip(axes[0], backends, strict=False):
-        labels = list(dict.fromkeys(k[1] for k in distances if k[0] == backend))
-        for strategy in labels:
-            keys = sorted(k for k in distances if k[0] == backend and k[1] == strategy)
-            if not keys:
-                continue
-            ax.plot(
-                [k[2] for k in keys],
-                [np.mean(distances[k]) for k in keys],
-                marker="o",
-                label=strategy,
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("distance from exact statistics\n(mean over layers and channels)")
-        ax.set_title(backend)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    figure.tight_layout()
-    paths.append(out / "distance.png")
-    figure.savefig(paths[-1], dpi=110)
-    plt.close(figure)
-    return paths
+    figures = [plot_accuracy(records, out / "accuracy.png")]
+    figures.append(plot_distance(records, out / "distance.png"))
+    return [out / "results.json", out / "results.csv", *figures]

@@ -29,6 +29,8 @@ from .backends import NumpyRun, Run, Statistics, TorchRun
 from .data import Dataset, load
 
 BACKENDS = ("torch", "numpy")
+ALL = "all"
+"""The calibration samples value that means the whole training set."""
 REFERENCE_BATCH_SIZE = 64
 """The learning rate given is the one for this batch size; others scale linearly."""
 
@@ -50,6 +52,10 @@ class Record:
     lr: float
     """The learning rate the network trained at (``--lr`` scaled to the batch size)."""
     calibration_batch_size: int
+    calibration_samples: int | str
+    """Training samples of the exact pass that gave ``exact``, ``exact-layerwise`` and the
+    test-time strategies' source statistics: a seeded random subset of this size, or
+    ``"all"``, the whole training set. Other strategies do not depend on it."""
     test_batch_size: int
     """Test batch size of the strategies that use test batches' own statistics."""
     test_size: int
@@ -58,7 +64,8 @@ class Record:
     """The normstats version that computed it."""
     stats_distance: list[float | None]
     """Per BatchNorm layer: mean over channels of |mu - mu_exact| / sigma_exact +
-    |sigma / sigma_exact - 1| (0 for the exact statistics; empty for "batch"). Channels whose
+    |sigma / sigma_exact - 1|, from the exact one-pass statistics of the whole training set
+    (0 for those; empty for "batch" and the test-time strategies). Channels whose
     exact variance is 0 have no such distance and are left out; a layer with no channel left
     (or with non-finite statistics) gets None, and ``stats_distance_note`` says why."""
     stats_distance_note: str = ""
@@ -66,6 +73,12 @@ class Record:
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Record:
+        """The record of a ``results.json`` row; a row written before ``calibration_samples``
+        existed was calibrated on the whole training set."""
+        return cls(**{"calibration_samples": ALL, **row})
 
 
 @attrs.frozen
@@ -126,6 +139,35 @@ def _check_integers(option: str, values: Sequence[Any], least: int) -> None:
         raise ValueError(f"{option}: expected each value once, got {repeated} more than once")
 
 
+def calibration_sample_list(values: str | Sequence[int | str]) -> tuple[int | str, ...]:
+    """``values`` (a comma-separated string or a sequence) as calibration sample counts, each
+    an integer >= 2 or ``"all"``, exactly as given."""
+    items = [v.strip() for v in values.split(",")] if isinstance(values, str) else list(values)
+    parsed: list[int | str] = []
+    for item in items:
+        if item == "":
+            continue
+        if item == ALL:
+            parsed.append(ALL)
+            continue
+        try:
+            number = int(item) if isinstance(item, str) else item
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 2:
+            parsed = []
+            break
+        parsed.append(int(number))
+    if not parsed:
+        raise ValueError(f"--calibration-samples: expected integers >= 2 or 'all', got {values!r}")
+    repeated = [v for v in dict.fromkeys(parsed) if parsed.count(v) > 1]
+    if repeated:
+        raise ValueError(
+            f"--calibration-samples: expected each value once, got {repeated} more than once"
+        )
+    return tuple(parsed)
+
+
 def compare(
     dataset: str = "digits",
     *,
@@ -138,6 +180,7 @@ def compare(
     strategies: str | list[str] | tuple[str, ...] = strategy_names.DEFAULT,
     shifts: str | list[str] | tuple[str, ...] = (shift_names.NONE,),
     calibration_batch_size: int | None = None,
+    calibration_samples: str | Sequence[int | str] = (ALL,),
     test_batch_size: int | None = None,
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
@@ -149,12 +192,17 @@ def compare(
     ``seeds`` is a count (0..N-1) or the seeds themselves. ``shifts`` lists covariate shifts
     of the test set (``"none"``, the unshifted reference, is always evaluated first).
     ``test_batch_size`` is the batch size of ``batch`` at test time (default: the training
-    batch size). ``workers`` > 1 trains in that many processes (one task per network); the
-    records do not depend on it. ``progress`` is called with a description of each finished
-    network. A network that diverges, or Ctrl-C, raises :class:`IncompleteError` carrying the
-    records of every network that finished and the reason for the others.
+    batch size). ``calibration_samples`` lists how many training samples the exact pass
+    takes (a random subset per network, drawn with ``numpy.random.default_rng(seed)``; the
+    smaller subsets inside the larger ones), ``"all"`` the whole training set; each value
+    gives its own records of every strategy. ``workers`` > 1 trains in that many processes
+    (one task per network); the records do not depend on it. ``progress`` is called with a
+    description of each finished network. A network that diverges, or Ctrl-C, raises
+    :class:`IncompleteError` carrying the records of every network that finished and the
+    reason for the others.
     """
     names = strategy_names.parse(strategies)
+    sample_counts = calibration_sample_list(calibration_samples)
     shift_list = shift_names.parse(shifts)
     seed_values = seed_list(seeds)
     _check_integers("--batch-sizes", list(batch_sizes), 2)
@@ -180,6 +228,12 @@ def compare(
             f"--batch-sizes: expected at most the training set's {len(data.X_train)} samples "
             f"({data.name}), got {too_large}"
         )
+    too_many = [c for c in sample_counts if c != ALL and int(c) > len(data.X_train)]
+    if too_many:
+        raise ValueError(
+            f"--calibration-samples: expected at most the training set's {len(data.X_train)} "
+            f"samples ({data.name}) or 'all', got {too_many}"
+        )
     timings = timings if timings is not None else Timings()
     tasks = [
         _Network(
@@ -193,6 +247,7 @@ def compare(
             names,
             shift_list,
             calibration_batch_size or batch_size,
+            sample_counts,
             test_batch_size or batch_size,
         )
         for backend in backends
@@ -283,6 +338,7 @@ class _Network:
     names: tuple[str, ...]
     shifts: tuple[str, ...]
     calibration_batch_size: int
+    calibration_samples: tuple[int | str, ...]
     test_batch_size: int
 
     def describe(self) -> str:
@@ -336,6 +392,10 @@ def _one_network(task: _Network, data: Dataset, timings: Timings) -> list[Record
     tracked = strategy_names.tracked(task.names)
     run: Run = (NumpyRun if backend == "numpy" else TorchRun)(data, task.model, task.seed, tracked)
     calibration = run.calibration_batches(task.calibration_batch_size)
+    subsets = {
+        samples: calibration_subset(len(data.X_train), samples, task.seed)
+        for samples in task.calibration_samples
+    }
     test_sets = {
         shift: shift_names.apply(shift, data.X_test, data.image_shape, task.seed)
         for shift in task.shifts
@@ -351,43 +411,86 @@ def _one_network(task: _Network, data: Dataset, timings: Timings) -> list[Record
         timings.add(backend, "training", started)
         _check_loss(loss, total, lr, data.num_classes)
         started = time.perf_counter()
+        # Every distance is from the exact statistics of the whole training set.
         reference = run.statistics("exact", calibration)
-        found: dict[str, Statistics | None] = {}
-        accuracy: dict[tuple[str, str], float] = {}
-        for name in task.names:
-            adapting = strategy_names.is_test_time(name)  # from the exact statistics
-            if adapting:
-                found[name] = None  # its statistics change along the test set
-            else:
-                found[name] = reference if name == "exact" else run.statistics(name, calibration)
-            for shift, X in test_sets.items():
-                if adapting and reference is not None:
-                    run.use(reference)  # each shift's adaptation starts from the source
-                accuracy[(name, shift)] = run.accuracy(name, X, task.test_batch_size)
+        found: dict[tuple[str, int | str], Statistics | None] = {}
+        accuracy: dict[tuple[str, int | str, str], float] = {}
+        first = task.calibration_samples[0]
+        for samples, rows in subsets.items():
+            batches_used = calibration
+            source = reference
+            if rows is not None:
+                batches_used = run.calibration_batches(task.calibration_batch_size, rows)
+                source = run.statistics("exact", batches_used)
+            for name in task.names:
+                calibrated = name in strategy_names.CALIBRATED or strategy_names.is_test_time(name)
+                if samples != first and not calibrated:  # the same statistics as for the first
+                    found[(name, samples)] = found[(name, first)]
+                    for shift in task.shifts:
+                        accuracy[(name, samples, shift)] = accuracy[(name, first, shift)]
+                    continue
+                found[(name, samples)] = _evaluated(run, name, source, batches_used)
+                for shift, X in test_sets.items():
+                    if strategy_names.is_test_time(name) and source is not None:
+                        run.use(source)  # each shift's adaptation starts from the source
+                    accuracy[(name, samples, shift)] = run.accuracy(name, X, task.test_batch_size)
         run.restore_training_statistics()
         timings.add(backend, "evaluation", started)
-        for shift in task.shifts:
-            for name in task.names:
-                records.append(
-                    Record(
-                        backend,
-                        task.model,
-                        data.name,
-                        batch_size,
-                        task.seed,
-                        total,
-                        name,
-                        shift,
-                        accuracy[(name, shift)],
-                        lr,
-                        task.calibration_batch_size,
-                        task.test_batch_size,
-                        len(data.y_test),
-                        ns.__version__,
-                        *_distance(found[name], reference),
+        for samples in task.calibration_samples:
+            for shift in task.shifts:
+                for name in task.names:
+                    records.append(
+                        Record(
+                            backend,
+                            task.model,
+                            data.name,
+                            batch_size,
+                            task.seed,
+                            total,
+                            name,
+                            shift,
+                            accuracy[(name, samples, shift)],
+                            lr,
+                            task.calibration_batch_size,
+                            samples,
+                            task.test_batch_size,
+                            len(data.y_test),
+                            ns.__version__,
+                            *_distance(found[(name, samples)], reference),
+                        )
                     )
-                )
     return records
+
+
+def _evaluated(
+    run: Run, name: str, source: Statistics | None, calibration: list[Any]
+) -> Statistics | None:
+    """Make ``name``'s statistics the layers' (``source`` for ``exact``, calibrated on
+    ``calibration``) and return them; None for the strategies whose statistics change along
+    the test set."""
+    if strategy_names.is_test_time(name):
+        return None
+    if name == "exact":
+        if source is not None:
+            run.use(source)  # whatever strategy the layers held before
+        return source
+    return run.statistics(name, calibration)
+
+
+def calibration_subset(n: int, samples: int | str, seed: int) -> np.ndarray[Any, Any] | None:
+    """The training rows of an exact pass on ``samples`` of the ``n`` training samples, in
+    their order in the training set: a random subset drawn with
+    ``numpy.random.default_rng(seed)`` (each smaller one inside the larger ones); None for
+    ``"all"``.
+
+    >>> calibration_subset(10, 4, seed=0)
+    array([2, 4, 6, 7])
+    >>> calibration_subset(10, "all", seed=0) is None
+    True
+    """
+    if samples == ALL:
+        return None
+    return np.sort(np.random.default_rng(seed).permutation(n)[: int(samples)])
 
 
 RUNAWAY = 10.0

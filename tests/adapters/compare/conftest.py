@@ -29,6 +29,7 @@ RECORD_FIELDS = (
     "accuracy",
     "lr",
     "calibration_batch_size",
+    "calibration_samples",
     "test_batch_size",
     "test_size",
     "version",

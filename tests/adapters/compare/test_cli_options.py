@@ -353,11 +353,12 @@ def test_records_as_json_carry_the_new_fields(tmp_path):
         assert row["test_batch_size"] == 50
         assert row["test_size"] == 450
         assert row["version"] == ns.__version__
-    assert Path(tmp_path / "results.csv").read_text().splitlines()[0].split(",")[7:12] == [
+    assert Path(tmp_path / "results.csv").read_text().splitlines()[0].split(",")[7:13] == [
         "shift",
         "accuracy",
         "lr",
         "calibration_batch_size",
+        "calibration_samples",
         "test_batch_size",
     ]
 
@@ -374,7 +375,22 @@ def test_table_fits_100_columns_and_marks_ties_by_paired_differences():
     sizes = [2, 4, 8, 16, 32, 64, 128, 256]
     records = [
         runner.Record(
-            "numpy", "mlp", "digits", b, seed, 1, name, "none", acc, 0.1, b, b, 450, "0", []
+            "numpy",
+            "mlp",
+            "digits",
+            b,
+            seed,
+            1,
+            name,
+            "none",
+            acc,
+            0.1,
+            b,
+            "all",
+            b,
+            450,
+            "0",
+            [],
         )
         for b in sizes
         for seed in range(3)
