@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import normstats as ns
 from normstats import Moments
@@ -173,10 +173,31 @@ class LayerStatistics:
         self.stream = None
 
 
+Layer = TypeVar("Layer")
+
+
+class TestTimeModel(Generic[Layer]):
+    """What ``with at_test_time(...) as adapted`` gives: the parsed ``strategy``, the
+    ``layers`` it applies to, and :meth:`reset` for the ``stream:*`` strategies."""
+
+    __test__ = False  # a library class, not a pytest test class
+
+    def __init__(self, strategy: TestTimeStrategy, layers: list[Layer]) -> None:
+        self.strategy = strategy
+        self.layers = layers
+        self.statistics: dict[Layer, LayerStatistics] = {}
+
+    def reset(self) -> None:
+        """Start every layer's stream again from its source statistics."""
+        for statistics in self.statistics.values():
+            statistics.reset()
+
+
 __all__ = [
     "KINDS",
     "NAMES",
     "LayerStatistics",
+    "TestTimeModel",
     "TestTimeStrategy",
     "parse_test_time",
     "stream_estimator",

@@ -16,26 +16,9 @@ import numpy as np
 
 from normstats import BatchNorm, Moments, functional
 
-from ..testtime import LayerStatistics, TestTimeStrategy, parse_test_time
+from ..testtime import LayerStatistics, TestTimeModel, TestTimeStrategy, parse_test_time
 from .layers import Layer, Sequential
 from .recalibrate import recalibrate
-
-
-class TestTimeModel:
-    """What ``with at_test_time(...) as adapted`` gives: the parsed ``strategy``, the
-    ``layers`` it applies to, and :meth:`reset` for the ``stream:*`` strategies."""
-
-    __test__ = False  # a library class, not a pytest test class
-
-    def __init__(self, strategy: TestTimeStrategy, layers: list[BatchNorm]) -> None:
-        self.strategy = strategy
-        self.layers = layers
-        self.statistics: dict[BatchNorm, LayerStatistics] = {}
-
-    def reset(self) -> None:
-        """Start every layer's stream again from its source statistics."""
-        for statistics in self.statistics.values():
-            statistics.reset()
 
 
 @contextlib.contextmanager
@@ -45,7 +28,7 @@ def at_test_time(
     batches: Iterable[object] | None = None,
     *,
     layerwise: bool = False,
-) -> Iterator[TestTimeModel]:
+) -> Iterator[TestTimeModel[BatchNorm]]:
     """Evaluate ``model`` with a test-time strategy inside the ``with`` block.
 
     ``strategy`` is ``"adapt"`` (:func:`~normstats.adapters.numpy.recalibrate` on the
@@ -76,7 +59,7 @@ def at_test_time(
     sources = [] if parsed.kind == "adapt" else [layer.population_statistics() for layer in layers]
     modes = [(module, module.training) for module in modules]
     saved = [_stats(layer).state_dict() for layer in layers] if parsed.kind == "adapt" else []
-    adapted = TestTimeModel(parsed, layers)
+    adapted: TestTimeModel[BatchNorm] = TestTimeModel(parsed, layers)
     try:
         model.train(False)
         if parsed.kind == "adapt":
@@ -107,7 +90,7 @@ def _stats(layer: BatchNorm) -> Any:
     return layer.stats
 
 
-def _install(layer: BatchNorm, adapted: TestTimeModel, mean: Any, var: Any) -> None:
+def _install(layer: BatchNorm, adapted: TestTimeModel[BatchNorm], mean: Any, var: Any) -> None:
     """Give ``layer`` the strategy's forward (an instance attribute, removed on exit)."""
     strategy = adapted.strategy
     if strategy.kind != "batch":

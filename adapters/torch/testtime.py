@@ -21,27 +21,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normstats import Moments
 from normstats.functional import reduced_axes
 
-from ..testtime import LayerStatistics, TestTimeStrategy, parse_test_time
+from ..testtime import LayerStatistics, TestTimeModel, TestTimeStrategy, parse_test_time
 from .batchnorm import BatchNorm
 from .recalibrate import recalibrate
 from .state import STATS_DTYPE
-
-
-class TestTimeModel:
-    """What ``with at_test_time(...) as adapted`` gives: the parsed ``strategy``, the
-    ``layers`` it applies to, and :meth:`reset` for the ``stream:*`` strategies."""
-
-    __test__ = False  # a library class, not a pytest test class
-
-    def __init__(self, strategy: TestTimeStrategy, layers: list[_BatchNorm]) -> None:
-        self.strategy = strategy
-        self.layers = layers
-        self.statistics: dict[_BatchNorm, LayerStatistics] = {}
-
-    def reset(self) -> None:
-        """Start every layer's stream again from its source statistics."""
-        for statistics in self.statistics.values():
-            statistics.reset()
 
 
 @contextlib.contextmanager
@@ -51,7 +34,7 @@ def at_test_time(
     data: Iterable[Any] | None = None,
     *,
     layerwise: bool = False,
-) -> Iterator[TestTimeModel]:
+) -> Iterator[TestTimeModel[_BatchNorm]]:
     """Evaluate ``model`` with a test-time strategy inside the ``with`` block.
 
     ``strategy`` is ``"adapt"`` (:func:`~normstats.adapters.torch.recalibrate` on the
@@ -91,7 +74,7 @@ def at_test_time(
             layer.check_calibrated()  # its source statistics
     modes = [(module, module.training) for module in model.modules()]
     saved = [_snapshot(layer) for layer in layers] if parsed.kind == "adapt" else []
-    adapted = TestTimeModel(parsed, layers)
+    adapted: TestTimeModel[_BatchNorm] = TestTimeModel(parsed, layers)
     try:
         model.eval()
         if parsed.kind == "adapt":
@@ -131,7 +114,7 @@ def _source(layer: _BatchNorm) -> tuple[Tensor, Tensor]:
     return layer.running_mean.to(STATS_DTYPE), layer.running_var.to(STATS_DTYPE)
 
 
-def _install(layer: _BatchNorm, adapted: TestTimeModel) -> None:
+def _install(layer: _BatchNorm, adapted: TestTimeModel[_BatchNorm]) -> None:
     """Give ``layer`` the strategy's forward (an instance attribute, removed on exit)."""
     strategy = adapted.strategy
     if strategy.kind != "batch":
