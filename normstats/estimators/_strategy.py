@@ -461,8 +461,10 @@ class Strategy:
         template = self._state_template()
         if template is None:
             return None
-        leading = self.state_shapes(())[self.array_keys[-1]]
-        return tuple(template.shape)[len(leading) :]
+        if self._leading is None:
+            self.state_shapes(())  # finds the leading axes once
+        assert self._leading is not None
+        return tuple(template.shape)[len(self._leading[self.array_keys[-1]]) :]
 
     def _check_batch(self, x: Array, feature_shape: tuple[int, ...], count: int, name: str) -> None:
         """Sample count, feature shape, array type and device of a batch (or its ``mean``)."""
