@@ -26,6 +26,7 @@ from normstats.adapters.compare import cli, compare, runner
 from normstats.adapters.compare.backends import NumpyRun
 from normstats.adapters.compare.data import load
 
+from .conftest import RECORD_FIELDS
 from .test_cli import SCRIPT
 
 TINY = ["--backend", "numpy", "--batch-sizes", "64", "--epochs", "1", "--workers", "1"]
@@ -353,14 +354,8 @@ def test_records_as_json_carry_the_new_fields(tmp_path):
         assert row["test_batch_size"] == 50
         assert row["test_size"] == 450
         assert row["version"] == ns.__version__
-    assert Path(tmp_path / "results.csv").read_text().splitlines()[0].split(",")[7:13] == [
-        "shift",
-        "accuracy",
-        "lr",
-        "calibration_batch_size",
-        "calibration_samples",
-        "test_batch_size",
-    ]
+    header = Path(tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert tuple(header) == RECORD_FIELDS
 
 
 # -- the table -----------------------------------------------------------------------------
