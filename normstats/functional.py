@@ -197,6 +197,70 @@ def _prior_strength(prior: object, batch_size: int) -> float:
     return strength + batch_size
 
 
+def renorm_limits(step: int, warmup: int, r_max: float, d_max: float) -> tuple[float, float]:
+    r"""Batch Renormalization's clipping limits ``(r_max, d_max)`` at training step ``step``.
+
+    Ioffe (2017, "Batch Renormalization", section 3) starts training as plain batch
+    normalization (:math:`r_{max} = 1`, :math:`d_{max} = 0`) and relaxes the limits
+    gradually; here they grow linearly to the given values over the first ``warmup`` steps,
+    and ``warmup=0`` uses the given values from the first step.
+
+    >>> renorm_limits(0, 100, 3.0, 5.0), renorm_limits(50, 100, 3.0, 5.0)
+    ((1.0, 0.0), (2.0, 2.5))
+    >>> renorm_limits(100, 100, 3.0, 5.0) == renorm_limits(7, 0, 3.0, 5.0) == (3.0, 5.0)
+    True
+    """
+    step, warmup = as_count("step", step), as_count("renorm_warmup", warmup)
+    r_max, d_max = as_real("r_max", r_max), as_real("d_max", d_max)
+    if not (math.isfinite(r_max) and r_max >= 1.0):
+        raise ValueError(f"r_max: expected a finite number of at least 1, got {r_max!r}")
+    if not (math.isfinite(d_max) and d_max >= 0.0):
+        raise ValueError(f"d_max: expected a finite non-negative number, got {d_max!r}")
+    progress = 1.0 if step >= warmup else step / warmup
+    return 1.0 + (r_max - 1.0) * progress, d_max * progress
+
+
+def renorm_correction(
+    batch_mean: Array,
+    batch_var: Array,
+    mean: Array,
+    var: Array,
+    *,
+    r_max: float,
+    d_max: float,
+    eps: float = 1e-5,
+) -> tuple[Array, Array]:
+    r"""Batch Renormalization's per-feature correction ``(r, d)`` of a training batch.
+
+    With the batch's mean :math:`\mu_B` and *biased* variance :math:`\sigma_B^2`, and the
+    running estimate :math:`\mu`, :math:`\sigma^2` of the layer's strategy (Ioffe, 2017):
+
+    .. math::
+
+        r = \operatorname{clip}\Big(\frac{\sqrt{\sigma_B^2 + \epsilon}}
+            {\sqrt{\sigma^2 + \epsilon}}, \frac{1}{r_{max}}, r_{max}\Big),\qquad
+        d = \operatorname{clip}\Big(\frac{\mu_B - \mu}{\sqrt{\sigma^2 + \epsilon}},
+            -d_{max}, d_{max}\Big)
+
+    The training output is :math:`\gamma (\hat x r + d) + \beta`, with :math:`\hat x`
+    normalized by the batch statistics; without clipping it equals the output with the
+    running statistics, :math:`\gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`.
+    ``r`` and ``d`` are constants of the backward pass. The arrays stay in their namespace
+    (NumPy or torch), so both the engine and the torch adapter correct with this one rule.
+
+    >>> import numpy as np
+    >>> r, d = renorm_correction(np.array([1.0]), np.array([4.0]), np.array([0.0]),
+    ...                          np.array([1.0]), r_max=3.0, d_max=5.0, eps=0.0)
+    >>> r.tolist(), d.tolist()
+    ([2.0], [1.0])
+    """
+    xp, batch_mean = as_array(batch_mean, "batch_mean")
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    r = xp.sqrt(batch_var + eps) * inv_std
+    d = (batch_mean - mean) * inv_std
+    return xp.clip(r, 1.0 / r_max, r_max), xp.clip(d, -d_max, d_max)
+
+
 def backward(dy: Array, cache: Cache) -> tuple[Array, Array | None, Array | None]:
     """Gradients ``(dx, dgamma, dbeta)`` of the training forward; None for absent parameters.
 
