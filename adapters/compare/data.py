@@ -103,9 +103,19 @@ def _npz(path: Path, seed: int) -> Dataset:
                 ) from None
     X, y = arrays["X"], arrays["y"]
     _check_arrays(path, X, y)
-    shape = (1, *X.shape[1:]) if X.ndim > 2 else (1, X.shape[1])
+    shape = _sample_shape(X)
     flat = X.reshape(len(X), -1).astype(np.float64)
     return _split(str(path), flat, y.astype(np.int64), shape, seed, spatial=X.ndim > 2)
+
+
+def _sample_shape(X: np.ndarray[Any, Any]) -> tuple[int, ...]:
+    """How the CNN sees one sample of ``X``: (1, features) for feature rows (n, F), a
+    one-channel image for (n, H, W), and channels first for (n, C, H, W)."""
+    if X.ndim == 2:
+        return (1, X.shape[1])
+    if X.ndim == 3:
+        return (1, *X.shape[1:])
+    return tuple(X.shape[1:])
 
 
 def _check_arrays(path: Path, X: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> None:
@@ -115,6 +125,11 @@ def _check_arrays(path: Path, X: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) 
     if X.ndim < 2:
         raise DatasetError(
             f"{where} X must hold one row of features per sample (2-D or more), got shape {X.shape}"
+        )
+    if X.ndim > 4:
+        raise DatasetError(
+            f"{where} X must be feature rows (n, F), one-channel images (n, H, W) or "
+            f"channels-first images (n, C, H, W), got shape {X.shape}"
         )
     if y.ndim != 1:
         raise DatasetError(f"{where} y must hold one label per sample (1-D), got shape {y.shape}")

@@ -331,3 +331,47 @@ def test_mnist1d_torch_cnn_runs(mnist1d_cache, monkeypatch):
     ]
     assert records[0].stats_distance == [0.0, 0.0, 0.0]
     assert records[0].accuracy > 0.3  # chance is 0.1
+
+
+@pytest.mark.parametrize(
+    ("shape", "image_shape"),
+    [((6,), (1, 6)), ((4, 5), (1, 4, 5)), ((3, 4, 5), (3, 4, 5))],
+    ids=["rows", "one-channel", "channels-first"],
+)
+def test_npz_sample_shape_keeps_the_channels(write_npz, shape, image_shape):
+    # (n, C, H, W) was read as a one-channel (1, C, H, W) sample, which no CNN could take
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    path = write_npz("images.npz", X=rng.normal(size=(len(y), *shape)), y=y)
+    data = load(str(path))
+    assert data.image_shape == image_shape
+    assert data.X_train.shape == (90, int(np.prod(shape)))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_npz_channels_first_images_train_a_cnn(write_npz, backend):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(2), 40)
+    x = rng.normal(size=(len(y), 3, 4, 4)) + y[:, None, None, None]
+    path = write_npz("rgb.npz", X=x, y=y)
+    records = compare(
+        str(path),
+        backends=[backend],
+        model="cnn",
+        batch_sizes=[16],
+        seeds=1,
+        epochs=[1],
+        strategies=["exact"],
+        workers=1,
+    )
+    assert [r.strategy for r in records] == ["exact"]
+    assert 0.0 <= records[0].accuracy <= 1.0
+
+
+def test_npz_of_more_than_four_dimensions_names_the_shape(write_npz):
+    y = np.repeat(np.arange(2), 40)
+    path = write_npz("volumes.npz", X=np.zeros((len(y), 1, 2, 2, 2)), y=y)
+    with pytest.raises(DatasetError, match=r"channels-first images \(n, C, H, W\), got shape"):
+        load(str(path))
