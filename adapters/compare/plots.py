@@ -11,10 +11,11 @@ How the figures keep every line visible:
 
 - Each panel's vertical range is that of its means and intervals without the far outliers
   (means further from the panel's median than five spreads, a spread being 1.4826 median
-  absolute deviations and at least 2 points; the median and that spread stay put when up
-  to half the points collapse): one collapsed setting, typically batch size 2, would
-  otherwise squash every other difference into a few pixels. A mean off the range is drawn
-  as a triangle on the panel's edge with its value written beside it, so it is not hidden
+  absolute deviations and at least 2 points): one collapsed setting, typically batch size
+  2, would otherwise squash every other difference into a few pixels. Only a minority is
+  left out (at most a quarter of the means), and the zero line of the differences always
+  shows. A mean off the range is drawn as a
+  triangle on the panel's edge with its value written beside it, so it is not hidden
   either.
 - Every strategy has its own colour, marker and line style (open markers on every other
   one) and a small horizontal offset on the logarithmic batch-size axis, so two strategies
@@ -45,6 +46,8 @@ FENCE = 5.0
 """A mean further from the panel's median than this many spreads is off the scale."""
 MAD_TO_SIGMA = 1.4826
 """The median absolute deviation times this estimates a normal standard deviation."""
+OUTLIER_SHARE = 0.25
+"""At most this share of a panel's means is drawn off the scale (see :func:`view`)."""
 MIN_SPREAD = 2.0
 """The least spread (points): panels whose means nearly agree keep a range of 20 points."""
 COLUMNS = 4
@@ -61,21 +64,32 @@ def style(index: int) -> dict[str, Any]:
     }
 
 
-def view(values: Sequence[float], extent: Sequence[float] = ()) -> tuple[float, float]:
-    """The vertical range of a panel: ``values`` (means) and ``extent`` (their interval ends
-    and any level that must show, such as 0) without the far outliers of ``values``.
+def view(
+    values: Sequence[float], extent: Sequence[float] = (), shown: Sequence[float] = ()
+) -> tuple[float, float]:
+    """The vertical range of a panel: ``values`` (means) and ``extent`` (their interval ends)
+    without the far outliers of ``values``, and every level of ``shown`` (the zero line of a
+    panel of differences).
+
+    An outlier is a minority: when more than a quarter of the means would fall outside, the
+    panel shows them all (under a shift most strategies can collapse together while a few,
+    ``exact`` among them, do not: then the collapse is the panel's content, not an outlier).
 
     >>> view([90.0, 92.0, 95.0, 96.0, 10.0])
     (89.5, 96.5)
+    >>> view([10.0, 11.0, 10.0, 12.0, 95.0, 96.0])
+    (5.7, 100.3)
     """
     points = np.asarray(values, dtype=float)
     middle = float(np.median(points))
     spread = max(MAD_TO_SIGMA * float(np.median(np.abs(points - middle))), MIN_SPREAD)
-    fence = (middle - FENCE * spread, middle + FENCE * spread)
-    kept = [v for v in (*values, *extent) if fence[0] <= v <= fence[1]]
+    low, high = middle - FENCE * spread, middle + FENCE * spread
+    if np.count_nonzero((points < low) | (points > high)) > OUTLIER_SHARE * len(points):
+        low, high = -math.inf, math.inf
+    kept = [*(v for v in (*values, *extent) if low <= v <= high), *shown]
     bottom, top = min(kept), max(kept)
     pad = max(0.05 * (top - bottom), 0.5)
-    return round(max(bottom - pad, fence[0]), 6), round(min(top + pad, fence[1]), 6)
+    return round(bottom - pad, 6), round(top + pad, 6)
 
 
 def plot_accuracy(records: Sequence[Record], path: Path) -> Path:
@@ -124,7 +138,7 @@ def plot_accuracy(records: Sequence[Record], path: Path) -> Path:
                 differences[strategy] = found
         exact_style = style(names.index("exact"))
         below.axhline(0.0, color=exact_style["color"], linestyle=exact_style["linestyle"])
-        off_scale |= _draw(below, differences, names, scale=100.0, extent=(0.0,))
+        off_scale |= _draw(below, differences, names, scale=100.0, shown=(0.0,))
         below.set_xlabel("batch size")
         below.set_ylabel("minus exact (points,\npaired, 95% CI)")
     handles = [_handle(plt, style(i), name) for i, name in enumerate(names)]
@@ -143,17 +157,18 @@ def _draw(
     lines: dict[str, list[tuple[int, float, float]]],
     names: list[str],
     scale: float,
-    extent: Sequence[float] = (),
+    shown: Sequence[float] = (),
 ) -> bool:
     """Draw each strategy's (batch size, mean, half-width) with its style on ``ax``, in a
-    range that far outliers do not set; return whether any mean is off that range."""
+    range that far outliers do not set and that includes ``shown``; return whether any mean
+    is off that range."""
     ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
     if not lines:
         return False
     means = [scale * m for points in lines.values() for _, m, _ in points]
     ends = [scale * (m + s * h) for points in lines.values() for _, m, h in points for s in (-1, 1)]
-    bottom, top = view(means, [*ends, *extent])
+    bottom, top = view(means, ends, shown)
     ax.set_ylim(bottom, top)
     middle = (len(names) - 1) / 2
     stacked: dict[tuple[int, bool], int] = defaultdict(int)  # values written per edge point
