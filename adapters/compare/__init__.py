@@ -8,6 +8,7 @@ threadpoolctl: ``pip install 'normstats[compare]'``) is imported only when a com
 
 from .cli import main
 from .plots import plots_from_results
-from .runner import Record, compare
+from .records import IncompleteError, Record
+from .runner import compare
 
-__all__ = ["Record", "compare", "main", "plots_from_results"]
+__all__ = ["IncompleteError", "Record", "compare", "main", "plots_from_results"]

@@ -243,7 +243,8 @@ def unwritable(out: Path) -> str | None:
 
 def _compare(arguments: argparse.Namespace) -> int:
     from . import report
-    from .runner import IncompleteError, Timings, compare, seed_list
+    from .records import IncompleteError, Timings
+    from .runner import compare, seed_list
 
     started = time.perf_counter()
     backends = ["torch", "numpy"] if arguments.backend == "both" else [arguments.backend]

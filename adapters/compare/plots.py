@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from . import strategies as strategy_names
+from .records import ALL, Record
 from .report import BLOCK, block_title, blocks, by_seed, paired, summary
-from .runner import ALL, Record
 
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h")
 LINESTYLES = ("-", "--", ":", "-.")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .runner import ALL, Missing, Record
+from .records import ALL, Missing, Record
 
 WIDTH = 100
 """Terminal columns a table line may take; wider tables are cut into column groups."""

@@ -9,13 +9,9 @@ per layer. A network that diverges is left out with the reason; the others still
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
-import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -27,96 +23,12 @@ from . import shifts as shift_names
 from . import strategies as strategy_names
 from .backends import NumpyRun, Run, Statistics, TorchRun
 from .data import Dataset, load
+from .pool import one_thread, run_all
+from .records import ALL, DivergedError, Missing, Record, Timings
 
 BACKENDS = ("torch", "numpy")
-ALL = "all"
-"""The calibration samples value that means the whole training set."""
 REFERENCE_BATCH_SIZE = 64
 """The learning rate given is the one for this batch size; others scale linearly."""
-
-
-@attrs.frozen
-class Record:
-    """One evaluation: a strategy's test accuracy on one trained network and one test set."""
-
-    backend: str
-    model: str
-    dataset: str
-    batch_size: int
-    seed: int
-    epochs: int
-    strategy: str
-    shift: str
-    """The covariate shift of the test set (``"none"``, ``"noise:0.5"``, ...)."""
-    accuracy: float
-    lr: float
-    """The learning rate the network trained at (``--lr`` scaled to the batch size)."""
-    calibration_batch_size: int
-    calibration_samples: int | str
-    """Training samples of the exact pass that gave ``exact``, ``exact-layerwise`` and the
-    test-time strategies' source statistics: a seeded random subset of this size, or
-    ``"all"``, the whole training set. Other strategies do not depend on it."""
-    test_batch_size: int
-    """Test batch size of the strategies that use test batches' own statistics."""
-    test_size: int
-    """Samples in the test set: the accuracy is a fraction of these."""
-    version: str
-    """The normstats version that computed it."""
-    stats_distance: list[float | None]
-    """Per BatchNorm layer: mean over channels of |mu - mu_exact| / sigma_exact +
-    |sigma / sigma_exact - 1|, from the exact one-pass statistics of the whole training set
-    (0 for those; empty for "batch" and the test-time strategies). Channels whose
-    exact variance is 0 have no such distance and are left out; a layer with no channel left
-    (or with non-finite statistics) gets None, and ``stats_distance_note`` says why."""
-    stats_distance_note: str = ""
-    """Why a layer's distance is None or leaves channels out; empty when every channel counts."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-    @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> Record:
-        """The record of a ``results.json`` row; a row written before ``calibration_samples``
-        existed was calibrated on the whole training set."""
-        return cls(**{"calibration_samples": ALL, **row})
-
-
-@attrs.frozen
-class Missing:
-    """A network whose records are missing, and why (it diverged, or the run was stopped)."""
-
-    backend: str
-    batch_size: int
-    seed: int
-    reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-
-class IncompleteError(RuntimeError):
-    """Some networks did not finish: ``records`` holds every finished one's records and
-    ``missing`` the others with their reasons; ``interrupted`` when Ctrl-C stopped the run."""
-
-    def __init__(self, records: list[Record], missing: list[Missing], interrupted: bool) -> None:
-        self.records, self.missing, self.interrupted = records, missing, interrupted
-        total = len({(r.backend, r.batch_size, r.seed) for r in records}) + len(missing)
-        what = "interrupted" if interrupted else missing[0].reason
-        super().__init__(f"{len(missing)} of {total} networks did not finish ({what})")
-
-
-class DivergedError(ValueError):
-    """Training of one network diverged; the message says how."""
-
-
-@attrs.define
-class Timings:
-    """Seconds spent, by backend and phase."""
-
-    seconds: dict[tuple[str, str], float] = attrs.field(factory=lambda: defaultdict(float))
-
-    def add(self, backend: str, phase: str, started: float) -> None:
-        self.seconds[(backend, phase)] += time.perf_counter() - started
 
 
 def seed_list(seeds: int | Sequence[int]) -> list[int]:
@@ -255,73 +167,7 @@ def compare(
         for seed in seed_values
     ]
     tasks.sort(key=lambda task: task.batch_size)  # the slowest (smallest batches) first
-    found: dict[_Network, list[Record] | Missing] = {}
-    try:
-        for task, outcome, spent in _run(tasks, workers):
-            found[task] = outcome
-            _add(timings, spent)
-            if progress is not None:
-                what = outcome.reason if isinstance(outcome, Missing) else "done"
-                progress(f"[{len(found)}/{len(tasks)}] {task.describe()}: {what}")
-    except KeyboardInterrupt:
-        _raise_incomplete(tasks, found, interrupted=True)
-    if any(isinstance(outcome, Missing) for outcome in found.values()):
-        _raise_incomplete(tasks, found, interrupted=False)
-    return _ordered(tasks, found)
-
-
-def _ordered(tasks: list[_Network], found: dict[_Network, list[Record] | Missing]) -> list[Record]:
-    records: list[Record] = []
-    for task in tasks:
-        outcome = found.get(task)
-        if isinstance(outcome, list):
-            records += outcome
-    return records
-
-
-def _raise_incomplete(
-    tasks: list[_Network], found: dict[_Network, list[Record] | Missing], interrupted: bool
-) -> None:
-    missing = [o for o in found.values() if isinstance(o, Missing)]
-    missing += [
-        Missing(t.backend, t.batch_size, t.seed, "not run: the comparison was interrupted")
-        for t in tasks
-        if t not in found
-    ]
-    raise IncompleteError(_ordered(tasks, found), missing, interrupted) from None
-
-
-def _run(
-    tasks: list[_Network], workers: int
-) -> Iterator[tuple[_Network, list[Record] | Missing, dict[tuple[str, str], float]]]:
-    """Each task's outcome as it finishes, in this process or in ``workers`` processes."""
-    if workers <= 1:
-        for task in tasks:
-            yield (task, *task.run())
-        return
-    import multiprocessing
-
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers, initializer=_ignore_interrupts)
-    try:
-        for index, outcome, spent in pool.imap_unordered(_run_task, enumerate(tasks)):
-            yield tasks[index], outcome, spent
-        pool.close()
-    finally:
-        pool.terminate()  # at once on Ctrl-C or an error; after close, once every task is done
-        pool.join()
-
-
-def _ignore_interrupts() -> None:
-    """In a worker: Ctrl-C is the parent's to handle (it stops the workers and reports)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _run_task(
-    item: tuple[int, _Network],
-) -> tuple[int, list[Record] | Missing, dict[tuple[str, str], float]]:
-    index, task = item
-    return (index, *task.run())
+    return run_all(tasks, workers, timings, progress)
 
 
 @attrs.frozen
@@ -344,10 +190,13 @@ class _Network:
     def describe(self) -> str:
         return f"{self.backend} b={self.batch_size} seed {self.seed}"
 
+    def missing(self, reason: str) -> Missing:
+        return Missing(self.backend, self.batch_size, self.seed, reason)
+
     def run(self) -> tuple[list[Record] | Missing, dict[tuple[str, str], float]]:
         """The network's records, or why it has none."""
         timings = Timings()
-        with _one_thread(torch_too=self.backend == "torch"):
+        with one_thread(torch_too=self.backend == "torch"):
             try:
                 return _one_network(self, load(self.dataset), timings), dict(timings.seconds)
             except DivergedError as error:
@@ -355,35 +204,7 @@ class _Network:
             except (ValueError, FloatingPointError, OverflowError) as error:
                 # what the engine raises on non-finite values, as training blows up
                 reason = f"failed: {error}"
-            return Missing(self.backend, self.batch_size, self.seed, reason), dict(timings.seconds)
-
-
-@contextlib.contextmanager
-def _one_thread(torch_too: bool) -> Iterator[None]:
-    """One BLAS and one torch thread (the fastest here on small networks); restored after.
-
-    The same thread counts wherever a network trains (in this process or a worker), so
-    its records do not depend on ``workers``.
-    """
-    from threadpoolctl import threadpool_limits
-
-    if torch_too:
-        import torch as _torch  # noqa: F401 - loaded before the limits, so they apply to it
-    torch = sys.modules.get("torch")
-    threads = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(1):
-        if torch is not None:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            if torch is not None and threads is not None:
-                torch.set_num_threads(threads)
-
-
-def _add(timings: Timings, spent: dict[tuple[str, str], float]) -> None:
-    for key, seconds in spent.items():
-        timings.seconds[key] += seconds
+            return self.missing(reason), dict(timings.seconds)
 
 
 def _one_network(task: _Network, data: Dataset, timings: Timings) -> list[Record]:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
-from normstats.adapters.compare import cli, compare, runner
+from normstats.adapters.compare import Record, cli, compare, runner
 from normstats.adapters.compare.backends import NumpyRun
 from normstats.adapters.compare.data import load
 
@@ -369,7 +369,7 @@ def test_table_fits_100_columns_and_marks_ties_by_paired_differences():
 
     sizes = [2, 4, 8, 16, 32, 64, 128, 256]
     records = [
-        runner.Record(
+        Record(
             "numpy",
             "mlp",
             "digits",
