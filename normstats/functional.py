@@ -32,6 +32,11 @@ The backward pass is the exact gradient through :math:`\mu_B` and :math:`\sigma_
 with :math:`g = \partial L / \partial y`. Statistics are computed in float64; outputs have the
 input's dtype (or float64 where ``gamma`` is float64 and the input narrower, as NumPy's type
 promotion gives).
+
+Two training modes for small batches build on the same pieces: Batch Renormalization
+(:func:`renorm_forward`, with :func:`renorm_correction` and :func:`renorm_limits`) and
+Ghost BatchNorm (:func:`ghost_forward`); :func:`backward` takes the cache of any of the
+three training forwards.
 """
 
 from __future__ import annotations
@@ -322,10 +327,10 @@ def ghost_forward(
 
     The batch is split along axis 0 into consecutive virtual batches of
     ``virtual_batch_size`` samples, and each is normalized by :func:`train_forward` with
-    its own statistics (Hoffer et al., 2017, "Train longer, generalize better", section
-    4). When the batch size is not a multiple, the last virtual batch holds the remaining
-    samples (fewer); a virtual batch with one value per feature raises ``ValueError``, as
-    a training batch does. ``virtual_batch_size`` at least the batch size is plain batch
+    its own statistics (Hoffer et al., 2017, "Train longer, generalize better"). When the
+    batch size is not a multiple, the last virtual batch holds the remaining samples
+    (fewer); a virtual batch with one value per feature raises ``ValueError``, as a
+    training batch does. ``virtual_batch_size`` at least the batch size is plain batch
     normalization.
 
     The moments returned are those of the whole batch: the exact (Chan) merge of the
@@ -356,12 +361,13 @@ def ghost_forward(
     n = x.shape[0]
     sizes = [size] * (n // size) + ([n % size] if n % size else [])
     per_sample = math.prod(x.shape[i] for i in axes if i != 0)
-    if min(sizes, default=0) * per_sample < 2:
+    smallest = min(sizes, default=0) * per_sample
+    if smallest < 2:
         raise ValueError(
             f"x: expected more than 1 value per feature in every virtual batch, got a batch "
-            f"of shape {tuple(x.shape)} split into virtual batches of {sizes} samples "
-            f"(virtual_batch_size={size}): the last has {min(sizes, default=0) * per_sample} "
-            f"value(s) per feature"
+            f"of shape {tuple(x.shape)} in virtual batches of {sizes} samples "
+            f"(virtual_batch_size={size}), the last with {smallest} value"
+            f"{'s' if smallest != 1 else ''} per feature"
         )
     starts = [0, *itertools.accumulate(sizes)]
     outputs = [
