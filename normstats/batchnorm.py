@@ -12,7 +12,7 @@ from .estimators import ExactFullPass, RunningStats, Strategy, resolve_stats
 from .estimators._strategy import NoBatchError
 from .moments import Moments
 from .typing import Array
-from .validation import as_real
+from .validation import as_count, as_flag, as_real
 
 
 class BatchNorm:
@@ -25,6 +25,15 @@ class BatchNorm:
     evaluation the layer computes :math:`\gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`
     from ``stats.mean`` and ``stats.var``. ``backward`` is the exact gradient through the
     batch mean and variance (see :mod:`normstats.functional`).
+
+    Two training modes help small batches (docs/small-batch.md); evaluation is the same
+    with either. ``renorm=True`` is Batch Renormalization (Ioffe, 2017): each training
+    batch is corrected towards the strategy's current estimate, taken before the batch is
+    fed (:func:`~normstats.functional.renorm_forward`); before the strategy has tracked a
+    batch there is none and the step is plain batch normalization. ``virtual_batch_size``
+    is Ghost BatchNorm (Hoffer et al., 2017): virtual batches along axis 0 are normalized
+    separately, and the strategy is fed the moments of the whole batch once per step
+    (:func:`~normstats.functional.ghost_forward`). The two do not combine.
 
     Parameters
     ----------
@@ -40,6 +49,20 @@ class BatchNorm:
         Learn a scale ``gamma`` and shift ``beta`` per feature.
     axis : int
         The feature axis: 1 for (N, C, ...), -1 for channels-last.
+    renorm : bool
+        Train with Batch Renormalization. Needs a strategy with a running estimate during
+        training: ``"exact"`` and ``"batch"`` are refused.
+    r_max, d_max : float
+        Batch Renormalization's clipping limits: ``r`` in ``[1/r_max, r_max]`` (``r_max``
+        at least 1) and ``d`` in ``[-d_max, d_max]`` (``d_max`` at least 0).
+    renorm_warmup : int
+        Training steps over which the limits grow linearly from ``r_max = 1``, ``d_max = 0``
+        (plain batch normalization) to the given ones; the step is the number of batches
+        the strategy has tracked, so a strategy loaded from a state dict resumes it. 0: the
+        given limits from the first step.
+    virtual_batch_size : int or None
+        Train with Ghost BatchNorm over virtual batches of this many samples (the last one
+        holds the remainder when the batch size is not a multiple); None: the whole batch.
     dtype : NumPy dtype
         Of ``gamma`` and ``beta`` (float64 by default).
     **stats_kwargs
@@ -73,6 +96,11 @@ class BatchNorm:
         affine: bool = True,
         axis: int = 1,
         *,
+        renorm: bool = False,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        renorm_warmup: int = 0,
+        virtual_batch_size: int | None = None,
         dtype: Any = np.float64,
         **stats_kwargs: Any,
     ) -> None:
@@ -85,23 +113,64 @@ class BatchNorm:
             raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise TypeError(f"axis: expected an int, got {axis!r}")
+        renorm = as_flag("renorm", renorm)
+        functional.renorm_limits(0, renorm_warmup, r_max, d_max)  # checks the three
+        if virtual_batch_size is not None:
+            virtual_batch_size = as_count("virtual_batch_size", virtual_batch_size)
+            if virtual_batch_size < 1:
+                raise ValueError(
+                    f"virtual_batch_size: expected a positive integer or None, got "
+                    f"{virtual_batch_size!r}"
+                )
+            if renorm:
+                raise ValueError(
+                    "renorm, virtual_batch_size: expected one small-batch training mode, got "
+                    "both; Batch Renormalization corrects the whole batch's statistics and "
+                    "Ghost BatchNorm replaces them by virtual batches', which do not combine"
+                )
+        resolved = resolve_stats(stats, **stats_kwargs)
+        if renorm and (resolved is None or isinstance(resolved, ExactFullPass)):
+            why = (
+                "it keeps no statistics"
+                if resolved is None
+                else "only a calibration after training fills it"
+            )
+            raise ValueError(
+                f"renorm: expected a strategy with a running estimate during training "
+                f"(Batch Renormalization corrects each training batch towards it), got "
+                f"stats={stats!r}, which has none ({why}); choose 'ema', 'cumulative', "
+                f"'welford' or a strategy of your own"
+            )
         self.num_features = int(num_features)
         self.eps = eps
         self.affine = bool(affine)
         self.axis = axis
-        self.stats: RunningStats | None = resolve_stats(stats, **stats_kwargs)
+        self.stats: RunningStats | None = resolved
+        self.renorm = renorm
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.renorm_warmup = int(renorm_warmup)
+        self.virtual_batch_size: int | None = virtual_batch_size
         self.gamma: Array | None = np.ones(self.num_features, dtype=dtype) if affine else None
         self.beta: Array | None = np.zeros(self.num_features, dtype=dtype) if affine else None
         self.grad_gamma: Array | None = None if self.gamma is None else np.zeros_like(self.gamma)
         self.grad_beta: Array | None = None if self.beta is None else np.zeros_like(self.beta)
         self.training = True
-        self._cache: functional.Cache | None = None
+        self._cache: functional.Cache | functional.GhostCache | None = None
 
     def __repr__(self) -> str:
         stats = "'batch'" if self.stats is None else repr(self.stats)
+        modes = ""
+        if self.renorm:
+            modes += (
+                f", renorm=True, r_max={self.r_max}, d_max={self.d_max}, "
+                f"renorm_warmup={self.renorm_warmup}"
+            )
+        if self.virtual_batch_size is not None:
+            modes += f", virtual_batch_size={self.virtual_batch_size}"
         return (
             f"BatchNorm({self.num_features}, stats={stats}, eps={self.eps}, "
-            f"affine={self.affine}, axis={self.axis})"
+            f"affine={self.affine}, axis={self.axis}{modes})"
         )
 
     def train(self, mode: bool = True) -> BatchNorm:
@@ -121,9 +190,7 @@ class BatchNorm:
         x = self._checked_input(x)
         self._cache = None  # a refused or evaluation forward leaves nothing to differentiate
         if self.training:
-            y, moments, cache = functional.train_forward(
-                x, self.gamma, self.beta, axis=self.axis, eps=self.eps
-            )
+            y, moments, cache = self._train_forward(x)
             self._feed(moments)
             self._cache = cache
             return y
@@ -134,6 +201,36 @@ class BatchNorm:
         mean, var = self.population_statistics()
         return functional.eval_forward(
             x, mean, var, self.gamma, self.beta, axis=self.axis, eps=self.eps
+        )
+
+    def _train_forward(
+        self, x: Array
+    ) -> tuple[Array, Moments, functional.Cache | functional.GhostCache]:
+        """The training forward of the layer's mode: plain, renormalized or ghost."""
+        if self.virtual_batch_size is not None:
+            return functional.ghost_forward(
+                x,
+                self.gamma,
+                self.beta,
+                virtual_batch_size=self.virtual_batch_size,
+                axis=self.axis,
+                eps=self.eps,
+            )
+        if not self.renorm or self.stats is None:
+            return functional.train_forward(x, self.gamma, self.beta, axis=self.axis, eps=self.eps)
+        step = self.stats.num_batches
+        r_max, d_max = functional.renorm_limits(step, self.renorm_warmup, self.r_max, self.d_max)
+        tracked = step > 0  # before the first tracked batch: no estimate, plain BN
+        return functional.renorm_forward(
+            x,
+            self.gamma,
+            self.beta,
+            self.stats.mean if tracked else None,
+            self.stats.var if tracked else None,
+            r_max=r_max,
+            d_max=d_max,
+            axis=self.axis,
+            eps=self.eps,
         )
 
     def backward(self, dy: Array) -> Array:
