@@ -87,6 +87,7 @@ bench: $(LINKED)
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/torch_bn.py
 	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/dask.py
 
 compare: $(LINKED)
 	$(BIN)/normstats compare

@@ -127,10 +127,10 @@ def handler_for(x: object, name: str = "x") -> DeferredArrays | None:
     return None
 
 
-def checked(x: Array, check: Callable[[Array], None]) -> Array:
+def checked(x: Array, check: Callable[[Array], None], name: str = "x") -> Array:
     """``x`` after ``check`` (which raises for bad values): now for an array in memory,
     on every chunk as it is computed for an array whose data live elsewhere."""
-    handler = handler_for(x)
+    handler = handler_for(x, name)
     if handler is None:
         check(x)
         return x

@@ -49,6 +49,10 @@ class Standardizer:
     ``inverse_transform`` compute in float64 too and return the input's floating dtype
     (float32 stays float32; integer and bool input gives float64).
 
+    A Dask array (with ``normstats.adapters.dask`` imported) is fitted on its cluster, in
+    one pass that sends only per-feature statistics to the client, and transformed lazily:
+    ``transform`` and ``inverse_transform`` return Dask arrays (docs/dask.md).
+
     NaN are missing values, as in scikit-learn: left out of the statistics feature by feature
     (each feature's statistics are those of its non-NaN values, and ``n_samples_seen_``
     becomes an array of per-feature counts once they differ), and passed through as NaN by
@@ -367,7 +371,7 @@ class Standardizer:
                     f"{expected}), got {describe(X)}"
                 )
         if not fitting:  # a Dask array's values are checked when its result is computed
-            X = checked(X, _check_no_inf)
+            X = checked(X, _check_no_inf, "X")
         return xp, X, X.dtype, names
 
     def _fold(self, statistics: FeatureStatistics, xp: Namespace, X: Array) -> None:
@@ -527,7 +531,7 @@ def _equal(a: object, b: object) -> bool:
 def _in_dtype(xp: Namespace, result: Array, dtype: Any) -> Array:
     """``result`` (float64) cast to ``dtype``; a value that overflows it raises (for a Dask
     array, when the result is computed)."""
-    result = checked(result, functools.partial(_check_fits, dtype))
+    result = checked(result, functools.partial(_check_fits, dtype), "X")
     return xp.astype(result, dtype, copy=False)
 
 

@@ -264,7 +264,8 @@ class Strategy:
         Raises ``TypeError`` for a non-floating dtype or a masked array and ``ValueError``
         for a batch with too few samples, a feature shape other than earlier batches', or
         NaN/Inf values or a fold whose result overflows float64 (unless
-        ``nan_policy="skip"``); the estimator is unchanged when it raises.
+        ``nan_policy="skip"``); the estimator is unchanged when it raises. A Dask array (with
+        ``normstats.adapters.dask`` imported) is one batch, reduced on its cluster.
         """
         xp, x = as_array(x, "x")
         check_floating(xp, x, "x")
