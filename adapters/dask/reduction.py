@@ -74,7 +74,7 @@ def moments(x: da.Array, axis: Axis = 0) -> Delayed:
         raise TypeError(f"x: expected a dask.array.Array, got {type(x).__name__}")
     axes = _axes(x, axis)
     result: Delayed = delayed(_as_moments, pure=True)(
-        statistics(x, axes, ignore_nan=False), x.shape
+        statistics(x, axes, ignore_nan=False), x.shape, axes
     )
     return result
 
@@ -86,8 +86,8 @@ def _axes(x: da.Array, axis: Axis) -> tuple[int, ...]:
     return tuple(sorted(int(a) % x.ndim for a in given))
 
 
-def _as_moments(record: Record, shape: tuple[float, ...]) -> ns.Moments:
-    reduced = reduced_batch(record, shape)
+def _as_moments(record: Record, shape: tuple[float, ...], axes: tuple[int, ...]) -> ns.Moments:
+    reduced = reduced_batch(record, shape, axes)
     if not reduced.finite:
         raise reduced.error("x")
     return reduced.moments()
@@ -109,9 +109,11 @@ def statistics(x: da.Array, axes: tuple[int, ...], *, ignore_nan: bool) -> da.Ar
     return reduced
 
 
-def reduced_batch(record: Record, shape: tuple[float, ...]) -> ReducedBatch:
-    """The core's view of a computed :data:`RECORD` array of a batch of ``shape``."""
-    count = int(record["samples"].flat[0]) if record.size else 0
+def reduced_batch(record: Record, shape: tuple[float, ...], axes: tuple[int, ...]) -> ReducedBatch:
+    """The core's view of a computed :data:`RECORD` array of a batch of ``shape`` reduced
+    over ``axes`` (whose sizes give the count when there is no feature to hold it)."""
+    size = math.prod(shape[a] for a in axes)  # NaN where a chunk's size was unknown
+    count = int(record["samples"].flat[0]) if record.size else 0 if math.isnan(size) else int(size)
     return ReducedBatch(
         count=count,
         counts=np.array(record["count"]),
@@ -152,7 +154,9 @@ def _leave_out_nan(record: Record, block: Block, axes: tuple[int, ...], features
     """Reduce again, feature by feature, the ``features`` (flat indices) that hold NaN, from
     their other values: the statistics of NaN-free features stay as the whole chunk's."""
     front = tuple(range(len(axes)))
-    values = np.moveaxis(block, axes, front).reshape(math.prod(block.shape[a] for a in axes), -1)
+    values = np.moveaxis(block, axes, front).reshape(
+        math.prod(block.shape[a] for a in axes), record.size
+    )
     for j in features:
         column = values[:, j]
         with np.errstate(over="ignore", invalid="ignore"):
@@ -168,7 +172,8 @@ def _combine(partials: Record, axis: tuple[int, ...], keepdims: bool) -> Record:
     """Merge the statistics concatenated along the reduced axes into one per feature."""
     front = tuple(range(len(axis)))
     stacked = np.moveaxis(partials, axis, front)
-    stacked = stacked.reshape(-1, *stacked.shape[len(axis) :])
+    parts, features = stacked.shape[: len(axis)], stacked.shape[len(axis) :]
+    stacked = stacked.reshape(math.prod(parts), *features)  # not -1: sizes may be 0
     merged = functools.reduce(_merge, stacked)
     return np.expand_dims(merged, axis) if keepdims else merged
 
@@ -208,7 +213,7 @@ class DaskArrays:
 
     def reduce(self, x: da.Array, axes: tuple[int, ...], *, ignore_nan: bool) -> ReducedBatch:
         (record,) = compute(statistics(x, axes, ignore_nan=ignore_nan))  # type: ignore[no-untyped-call]
-        return reduced_batch(record, x.shape)
+        return reduced_batch(record, x.shape, axes)
 
     def checked(self, x: da.Array, check: Callable[[Block], None]) -> da.Array:
         blocks: da.Array = x.map_blocks(

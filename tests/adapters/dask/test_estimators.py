@@ -220,3 +220,10 @@ def test_every_chunking_gives_the_same_welford_state():
         stats = ns.Welford()
         stats.update(da.from_array(x, chunks=chunks))
         assert_same_estimate(stats, reference)
+
+
+def test_a_batch_without_features_counts_its_samples(estimator_factory):
+    on_dask, in_memory = estimator_factory(), estimator_factory()
+    on_dask.update(da.zeros((5, 0), chunks=2))
+    in_memory.update(np.zeros((5, 0)))
+    assert on_dask.count == in_memory.count == 5
