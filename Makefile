@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 # A CPU build of torch lies on this machine's disk; an unpinned torch may pull a CUDA build.
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
-EXTRAS := torch,compare,lightning,dev,bench
+EXTRAS := torch,compare,lightning,dask,dev,bench
 
 # The package is installed editable in setuptools' strict mode: build/__editable__.normstats-*/
 # (ignored by git) holds a link to every module file, laid out as the installed package
@@ -87,6 +87,7 @@ bench: $(LINKED)
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/torch_bn.py
 	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/dask.py
 
 compare: $(LINKED)
 	$(BIN)/normstats compare

@@ -15,7 +15,8 @@ from typing import Any, cast
 import numpy as np
 
 from ._arrays import describe
-from .estimators import ExactFullPass, RunningStats, Welford
+from .deferred import ReducedBatch
+from .estimators import ExactFullPass, RunningStats, Strategy, Welford
 from .typing import Array, Namespace
 
 
@@ -52,18 +53,36 @@ class FeatureStatistics:
                 values = xp.reshape(X.T[~missing.T], (self.n_features, int(counts[0])))
                 self.shared.update(values.T)
             return
-        streams = (
-            _split(self._make, self.shared, self.n_features)
-            if self.shared is not None
-            else [
-                _copied(self._make, stream) if count else stream
-                for stream, count in zip(self.per_feature, counts, strict=True)
-            ]
-        )
+        streams = self._streams(counts)
         for j, stream in enumerate(streams):
             if counts[j]:
                 stream.update(xp.reshape(X[:, j][~missing[:, j]], (-1, 1)))
         self.shared, self.per_feature = None, streams
+
+    def update_reduced(self, batch: ReducedBatch, X: Array) -> None:
+        """Fold in the batch ``X`` from its statistics, reduced where its data live with
+        NaN left out (:mod:`normstats.deferred`), as :meth:`update` folds it."""
+        counts = batch.counts
+        self._check_counts(counts, X)
+        if self.shared is not None and np.ptp(counts) == 0:
+            if counts[0]:
+                _strategy(self.shared)._update_reduced(batch, X)
+            return
+        streams = self._streams(counts)
+        for j, stream in enumerate(streams):
+            if counts[j]:
+                _strategy(stream)._update_reduced(batch.feature(j), X)
+        self.shared, self.per_feature = None, streams
+
+    def _streams(self, counts: np.ndarray[Any, Any]) -> list[RunningStats]:
+        """One strategy per feature for a batch with these counts: copies of those the batch
+        updates, so that an error leaves the statistics as they were."""
+        if self.shared is not None:
+            return _split(self._make, self.shared, self.n_features)
+        return [
+            _copied(self._make, stream) if count else stream
+            for stream, count in zip(self.per_feature, counts, strict=True)
+        ]
 
     def _check_counts(self, counts: np.ndarray[Any, Any], X: Array) -> None:
         minimum = getattr(self.first, "min_batch_count", 1)
@@ -93,6 +112,11 @@ def _mean_and_var(stream: RunningStats) -> tuple[Array, Array]:
     if isinstance(stream, Welford | ExactFullPass):
         return stream.mean, stream.moments.var(ddof=0)
     return cast(Array, stream.mean), cast(Array, stream.var)
+
+
+def _strategy(stream: RunningStats) -> Strategy:
+    """A Standardizer's statistics are strategies (built by ``make_stats`` or copied)."""
+    return cast(Strategy, stream)
 
 
 def _copied(make: Callable[[], RunningStats], stream: RunningStats) -> RunningStats:

@@ -136,7 +136,13 @@ def _reduce_rescaled(
 def non_finite_batch_error(xp: Namespace, x: Array, name: str) -> ValueError:
     """The error for a batch whose moments are not finite: it holds NaN or Inf, or values
     so far apart that their sum of squared deviations overflows float64."""
-    if all_finite(xp, x):
+    return non_finite_statistics_error(all_finite(xp, x), name)
+
+
+def non_finite_statistics_error(values_finite: bool, name: str) -> ValueError:
+    """:func:`non_finite_batch_error` for a batch whose values are known to be finite (their
+    statistics overflowed) or not."""
+    if values_finite:
         return ValueError(
             f"{name}: expected values whose sum of squared deviations fits in float64, got "
             "values so far apart that it overflows"
@@ -170,12 +176,13 @@ def _sums_around(
 
 
 def chan_merge(
-    count_a: int, m2_a: Array, count_b: int, delta: Array, m2_b: Array
+    count_a: int | Array, m2_a: Array, count_b: int | Array, delta: Array, m2_b: Array
 ) -> tuple[Array, Array]:
     """Chan's merge of two disjoint samples: ``(mean_merged - mean_a, m2_merged)``.
 
     ``delta`` is ``mean_b - mean_a``. Taking the difference rather than the two means lets a
-    caller that reduced batch ``b`` around ``mean_a`` keep every digit of it.
+    caller that reduced batch ``b`` around ``mean_a`` keep every digit of it. Counts may be
+    arrays (one per feature) whose sums are positive.
     """
     weight_b = count_b / (count_a + count_b)
     # delta * (delta * w), not delta**2 * w: into an empty sample (w = 0) a delta whose
@@ -330,12 +337,21 @@ class Moments:
     def from_array(cls, x: Array, axis: Axis = 0) -> Moments:
         """Reduce ``x`` over ``axis`` (an int or a tuple; NCHW batches use ``(0, 2, 3)``).
 
-        Statistics are float64 arrays in ``x``'s namespace and on its device. Raises
+        Statistics are float64 arrays in ``x``'s namespace and on its device (NumPy arrays
+        for a Dask array, reduced where its chunks are: :mod:`normstats.deferred`). Raises
         ``TypeError`` for a non-floating dtype or a masked array and ``ValueError`` for NaN
         or Inf in ``x`` or values whose squares overflow float64.
         """
+        from .deferred import handler_for  # deferred builds on this module
+
         xp, x = as_array(x, "x")
         check_floating(xp, x, "x")
+        deferred = handler_for(x)
+        if deferred is not None:  # a Dask array: reduced on its cluster
+            reduced = deferred.reduce(x, sample_axes(x, axis), ignore_nan=False)
+            if not reduced.finite:
+                raise reduced.error("x")
+            return reduced.moments()
         with quiet_overflow(x):
             batch = reduce_batch(xp, x, sample_axes(x, axis))
         if not batch.finite:
@@ -372,12 +388,11 @@ class Moments:
                 f"other: expected moments of feature shape {self.feature_shape}, "
                 f"got {other.feature_shape}"
             )
-        # Close means subtract exactly; their residuals carry the digits beyond float64.
         with quiet_overflow(self.mean):  # overflow is checked below
-            delta = (other.mean - self.mean) + (other.mean_residual - self.mean_residual)
-            step, m2 = chan_merge(self.count, self.m2, other.count, delta, other.m2)
-            high, low = two_sum(self.mean, step)
-            mean, residual = two_sum(high, low + self.mean_residual)
+            mean, residual, m2 = merge_statistics(
+                (self.count, self.mean, self.mean_residual, self.m2),
+                (other.count, other.mean, other.mean_residual, other.m2),
+            )
         if not all_finite(array_api_compat.array_namespace(mean), mean, m2, residual):
             raise ValueError(
                 "other: expected moments whose merge with these fits in float64, got a merge "
@@ -389,6 +404,27 @@ class Moments:
         if not isinstance(other, Moments):
             return NotImplemented
         return self.merge(other)
+
+
+Statistics = tuple[Array, Array, Array, Array]
+"""``(count, mean, mean_residual, m2)`` of a sample; ``count`` an int or an array."""
+
+
+def merge_statistics(a: Statistics, b: Statistics) -> tuple[Array, Array, Array]:
+    """``(mean, mean_residual, m2)`` of two disjoint samples together, exactly:
+    :meth:`Moments.merge` without its checks.
+
+    Counts may be arrays (one per feature, as a reduction that leaves NaN out gives) whose
+    sums are positive. The difference of the means is taken from both parts of each, so
+    that close means subtract exactly and their residuals keep the digits beyond float64.
+    """
+    count_a, mean_a, residual_a, m2_a = a
+    count_b, mean_b, residual_b, m2_b = b
+    delta = (mean_b - mean_a) + (residual_b - residual_a)
+    step, m2 = chan_merge(count_a, m2_a, count_b, delta, m2_b)
+    high, low = two_sum(mean_a, step)
+    mean, residual = two_sum(high, low + residual_a)
+    return mean, residual, m2
 
 
 def moments_of_batch(xp: Namespace, batch: ShiftedMoments) -> Moments:

@@ -14,6 +14,7 @@ import numpy as np
 from . import _sklearn
 from ._arrays import as_array, check_floating, describe
 from ._feature_statistics import FeatureStatistics
+from .deferred import checked, handler_for
 from .estimators import (
     STRATEGIES,
     RunningStats,
@@ -47,6 +48,10 @@ class Standardizer:
     The statistics are computed in float64 whatever the input's dtype; ``transform`` and
     ``inverse_transform`` compute in float64 too and return the input's floating dtype
     (float32 stays float32; integer and bool input gives float64).
+
+    A Dask array (with ``normstats.adapters.dask`` imported) is fitted on its cluster, in
+    one pass that sends only per-feature statistics to the client, and transformed lazily:
+    ``transform`` and ``inverse_transform`` return Dask arrays (docs/dask.md).
 
     NaN are missing values, as in scikit-learn: left out of the statistics feature by feature
     (each feature's statistics are those of its non-NaN values, and ``n_samples_seen_``
@@ -343,6 +348,11 @@ class Standardizer:
             if not xp.isdtype(X.dtype, ("integral", "bool")):
                 check_floating(xp, X, "X")  # raises with the dtype that arrived
             X = xp.astype(X, xp.float64)
+        if math.isnan(X.shape[1]):  # a Dask array whose chunk sizes are not known
+            raise ValueError(
+                f"X: expected an array whose number of features is known, got {describe(X)}; "
+                "for a Dask array, call X.compute_chunk_sizes() first"
+            )
         if X.shape[1] == 0:
             raise ValueError(
                 f"X: expected at least one feature, got 0 feature(s) (shape={tuple(X.shape)}) "
@@ -360,21 +370,31 @@ class Standardizer:
                     f"{expected} features as input: expected an array of shape (n_samples, "
                     f"{expected}), got {describe(X)}"
                 )
-        if not fitting and bool(xp.any(xp.isinf(X))):
-            raise ValueError(f"X: expected finite values or NaN, got {describe(X)} with Inf")
+        if not fitting:  # a Dask array's values are checked when its result is computed
+            X = checked(X, _check_no_inf, "X")
         return xp, X, X.dtype, names
 
     def _fold(self, statistics: FeatureStatistics, xp: Namespace, X: Array) -> None:
         """Fold the batch ``X`` into ``statistics`` (skipped when it holds Inf under
-        ``nan_policy="skip"``); an error leaves them as they were."""
-        if bool(xp.any(xp.isinf(X))):
+        ``nan_policy="skip"``); an error leaves them as they were.
+
+        A Dask array is reduced on its cluster, in one pass that also finds its Inf.
+        """
+        deferred = handler_for(X, "X")
+        batch = None if deferred is None else deferred.reduce(X, (0,), ignore_nan=True)
+        if batch is not None and batch.count == 0:  # its number of rows was unknown
+            raise ValueError(f"X: expected at least one sample, got {describe(X)}")
+        if bool(xp.any(xp.isinf(X))) if batch is None else batch.inf:
             if statistics.first.nan_policy == "skip":
                 return
             raise ValueError(
                 f"X: expected finite values or NaN (NaN are left out), got {describe(X)} with Inf"
             )
         try:
-            statistics.update(xp, X)
+            if batch is None:
+                statistics.update(xp, X)
+            else:
+                statistics.update_reduced(batch, X)
         except (TypeError, ValueError) as error:
             raise _renamed(error, "x", "X") from None
 
@@ -509,11 +529,23 @@ def _equal(a: object, b: object) -> bool:
 
 
 def _in_dtype(xp: Namespace, result: Array, dtype: Any) -> Array:
-    """``result`` (float64) cast to ``dtype``; a value that overflows it raises."""
+    """``result`` (float64) cast to ``dtype``; a value that overflows it raises (for a Dask
+    array, when the result is computed)."""
+    result = checked(result, functools.partial(_check_fits, dtype), "X")
+    return xp.astype(result, dtype, copy=False)
+
+
+def _check_fits(dtype: Any, result: Array) -> None:
+    xp = as_array(result, "X")[0]
     if bool(xp.any(xp.abs(result) > float(xp.finfo(dtype).max))):  # NaN pass
         name = str(dtype).removeprefix("torch.")
         raise ValueError(f"X: expected values whose result fits in {name}, got ones that overflow")
-    return xp.astype(result, dtype, copy=False)
+
+
+def _check_no_inf(X: Array) -> None:
+    xp = as_array(X, "X")[0]
+    if bool(xp.any(xp.isinf(X))):
+        raise ValueError(f"X: expected finite values or NaN, got {describe(X)} with Inf")
 
 
 def _constant_features(mean: Array, var: Array, count: Array | int) -> Array:

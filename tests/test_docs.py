@@ -16,7 +16,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL_DEPENDENCIES = frozenset(
-    {"torch", "sklearn", "matplotlib", "tqdm", "mnist1d", "lightning", "pytorch_lightning"}
+    {
+        "torch",
+        "sklearn",
+        "matplotlib",
+        "tqdm",
+        "mnist1d",
+        "lightning",
+        "pytorch_lightning",
+        "dask",
+        "distributed",
+    }
 )
 """Extras (pyproject.toml): a block that needs a missing one is skipped, not failed."""
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")

@@ -11,6 +11,7 @@ docs/strategies.md walks through writing one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -29,6 +30,7 @@ from .._arrays import (
     sample_axes,
     split_shape,
 )
+from ..deferred import DeferredArrays, ReducedBatch, handler_for
 from ..moments import (
     Moments,
     moments_of_batch,
@@ -262,12 +264,17 @@ class Strategy:
         Raises ``TypeError`` for a non-floating dtype or a masked array and ``ValueError``
         for a batch with too few samples, a feature shape other than earlier batches', or
         NaN/Inf values or a fold whose result overflows float64 (unless
-        ``nan_policy="skip"``); the estimator is unchanged when it raises.
+        ``nan_policy="skip"``); the estimator is unchanged when it raises. A Dask array (with
+        ``normstats.adapters.dask`` imported) is one batch, reduced on its cluster.
         """
         xp, x = as_array(x, "x")
         check_floating(xp, x, "x")
         axes = sample_axes(x, axis)
         feature_shape, count = split_shape(tuple(x.shape), axes)
+        deferred = handler_for(x)
+        if deferred is not None:
+            self._update_deferred(deferred, x, axes, feature_shape, count)
+            return
         self._check_batch(x, feature_shape, count, "x")
         with quiet_overflow(x):  # finiteness is checked, once for the batch and once folded
             batch = reduce_batch(xp, x, axes)
@@ -275,6 +282,37 @@ class Strategy:
                 self._fold(xp, moments_of_batch(xp, batch), "x")
                 return
         self._skip_or_raise(non_finite_batch_error(xp, x, "x"))
+
+    def _update_deferred(
+        self,
+        deferred: DeferredArrays,
+        x: Array,
+        axes: tuple[int, ...],
+        feature_shape: tuple[int, ...],
+        count: int,
+    ) -> None:
+        """Fold in a batch whose data live elsewhere (a Dask array, see
+        :mod:`normstats.deferred`): checked on its shape first where its sizes are known,
+        reduced where its data are, in one pass, then folded as an in-memory batch."""
+        template = self._state_template()
+        if template is not None and type(template) is not np.ndarray:
+            raise TypeError(
+                f"x: expected a {type(template).__module__}.{type(template).__name__} like the "
+                f"estimator's state, got {type(x).__module__}.{type(x).__name__}, whose "
+                "statistics arrive as NumPy arrays"
+            )
+        if not math.isnan(sum(x.shape)):  # a Dask array's sizes may be unknown until computed
+            self._check_sizes(x, feature_shape, count, "x")
+        self._update_reduced(deferred.reduce(x, axes, ignore_nan=False), x)
+
+    def _update_reduced(self, batch: ReducedBatch, x: Array) -> None:
+        """Fold in the statistics of the batch ``x``, reduced where its data live."""
+        self._check_sizes(x, batch.feature_shape, batch.moments().count, "x")
+        if not batch.finite:
+            self._skip_or_raise(batch.error("x"))
+            return
+        with quiet_overflow(batch.m2):  # the fold is checked
+            self._fold(np, batch.moments(), "x")
 
     def update_moments(self, moments: Moments) -> None:
         """Fold in precomputed batch :class:`~normstats.Moments`; ``count == 0`` changes nothing.
@@ -468,22 +506,10 @@ class Strategy:
 
     def _check_batch(self, x: Array, feature_shape: tuple[int, ...], count: int, name: str) -> None:
         """Sample count, feature shape, array type and device of a batch (or its ``mean``)."""
-        if count < self.min_batch_count:
-            needed = (
-                "at least one sample"
-                if self.min_batch_count == 1
-                else f"at least {self.min_batch_count} samples per feature (the unbiased batch "
-                f"variance of {self.name!r} needs them)"
-            )
-            raise ValueError(f"{name}: expected {needed}, got {count} ({describe(x)})")
-        template, expected_shape = self._state_template(), self._feature_shape()
+        self._check_sizes(x, feature_shape, count, name)
+        template = self._state_template()
         if template is None:
             return
-        if expected_shape != feature_shape:
-            raise ValueError(
-                f"{name}: expected feature shape {expected_shape} as in earlier "
-                f"batches, got {feature_shape} ({describe(x)})"
-            )
         if type(x) is not type(template) and (
             array_api_compat.array_namespace(x) is not array_api_compat.array_namespace(template)
         ):
@@ -497,6 +523,23 @@ class Strategy:
             raise ValueError(
                 f"{name}: expected an array on {expected}, where the statistics are, "
                 f"got one on {device}"
+            )
+
+    def _check_sizes(self, x: Array, feature_shape: tuple[int, ...], count: int, name: str) -> None:
+        """Sample count and feature shape of a batch (or its ``mean``)."""
+        if count < self.min_batch_count:
+            needed = (
+                "at least one sample"
+                if self.min_batch_count == 1
+                else f"at least {self.min_batch_count} samples per feature (the unbiased batch "
+                f"variance of {self.name!r} needs them)"
+            )
+            raise ValueError(f"{name}: expected {needed}, got {count} ({describe(x)})")
+        expected_shape = self._feature_shape()
+        if expected_shape is not None and expected_shape != feature_shape:
+            raise ValueError(
+                f"{name}: expected feature shape {expected_shape} as in earlier "
+                f"batches, got {feature_shape} ({describe(x)})"
             )
 
     def _check_mergeable(self: E, other: object) -> E:
