@@ -44,7 +44,7 @@ from normstats import (
     RunningStats,
 )
 from normstats.estimators import StackedMoments, State, Strategy
-from normstats.functional import reduced_axes, renorm_correction
+from normstats.functional import reduced_axes
 from normstats.moments import ShiftedMoments, moments_of_batch
 
 from . import distributed, small_batch
@@ -422,75 +422,45 @@ class BatchNorm(_BatchNorm):
     # -- small batches: Batch Renormalization and Ghost BatchNorm -----------------------------
 
     def _train_renormalized(self, x: Tensor, rule: Strategy | None) -> Tensor:
-        """Batch Renormalization: the kernel with the weight and bias that correct its
-        output towards the strategy's estimate before this batch, which is then folded at
-        once (the next step corrects towards an estimate that includes it)."""
-        mean, var = small_batch.batch_moments(x)
-        mean, var = mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
-        weight, bias = self._renormalized_affine(x, mean, var)
-        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        """Batch Renormalization, corrected towards the strategy's estimate before this
+        batch, which is then folded at once (the next step corrects towards an estimate
+        that includes it)."""
+        small_batch.check_batch(x)
+        tracked = self._buffers["num_batches_tracked"]
+        assert tracked is not None  # renorm is refused without a strategy
+        y, moments = small_batch.renormalized(
+            x,
+            self._parameters["weight"],
+            self._parameters["bias"],
+            self.population_statistics(),
+            self._renorm_limits.at(tracked),
+            tracked > 0,
+            self.eps,
+        )
         if rule is not None:
             count = x.numel() // self.num_features
-            self._fold_now(rule, count, mean, var * count)
+            self._fold_now(rule, count, moments[0], moments[1] * (count - 1))
         return y
-
-    def _renormalized_affine(self, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        """The kernel's weight and bias for a batch of float64 ``mean`` and biased ``var``:
-        ``(r, d)`` against the strategy's estimate, clipped with the limits of the warm-up
-        step ``num_batches_tracked``; before the first tracked batch there is no estimate,
-        and ``r = 1``, ``d = 0`` (plain batch normalization)."""
-        tracked = self._buffers["num_batches_tracked"]
-        assert tracked is not None
-        estimate_mean, estimate_var = self.population_statistics()
-        r_max, d_max = self._renorm_limits.at(tracked)
-        r, d = renorm_correction(
-            mean,
-            var,
-            estimate_mean,
-            estimate_var,
-            # during the warm-up, 0-d tensors on the device: the clip takes arrays as bounds
-            r_max=r_max,  # type: ignore[arg-type]
-            d_max=d_max,  # type: ignore[arg-type]
-            eps=self.eps,
-        )
-        seen = tracked > 0
-        r, d = torch.where(seen, r, 1.0), torch.where(seen, d, 0.0)
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
-        dtype = x.dtype if weight is None else weight.dtype
-        return small_batch.corrected_affine(weight, bias, r, d, dtype)
 
     def _train_ghost(self, x: Tensor, virtual: int, rule: Strategy | None) -> Tensor:
         """Ghost BatchNorm: each virtual batch normalized with its own statistics; the
         strategy is fed the moments of the whole batch, pooled from theirs."""
-        small_batch.check_virtual_batches(x, virtual)
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
-        if rule is None:
-            return small_batch.ghost_batch_norm(x, virtual, weight, bias, self.eps, None)
-        mean, m2, y = self._ghost_moments(x, virtual)
-        count = x.numel() // self.num_features
-        if torch.compiler.is_compiling():
-            self._fold_now(rule, count, mean, m2)
-        else:
-            self._into_ring(rule, count, mean, m2)
+        y, moments = self._ghost_normalized(x, virtual)
+        if rule is not None:
+            mean, m2 = small_batch.pooled(small_batch.virtual_batch_counts(x, virtual), moments)
+            count = x.numel() // self.num_features
+            if torch.compiler.is_compiling():
+                self._fold_now(rule, count, mean, m2)
+            else:
+                self._into_ring(rule, count, mean, m2)
         return y
 
-    def _ghost_moments(self, x: Tensor, virtual: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The float64 mean and M2 of the whole batch, and the ghost-normalized output: the
-        virtual batches' kernels write their moments into scratch rows, which are pooled
-        (a float16 or bfloat16 module, whose kernel would round them to its dtype, reduces
-        the whole batch in float32 instead)."""
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
-        scratch = self._moments_dtype(x)
-        if torch.finfo(scratch).bits < torch.finfo(BATCH_MOMENTS_DTYPE).bits:
-            y = small_batch.ghost_batch_norm(x, virtual, weight, bias, self.eps, None)
-            mean, var = small_batch.batch_moments(x)
-            count = x.numel() // self.num_features
-            return mean.to(STATS_DTYPE), var.to(STATS_DTYPE) * count, y
-        counts = small_batch.virtual_batch_counts(x, virtual)
-        moments = torch.zeros(2, len(counts), self.num_features, dtype=scratch, device=x.device)
-        y = small_batch.ghost_batch_norm(x, virtual, weight, bias, self.eps, moments)
-        mean, m2 = small_batch.pooled(counts, moments)
-        return mean, m2, y
+    def _ghost_normalized(self, x: Tensor, virtual: int) -> tuple[Tensor, Tensor]:
+        """The ghost-normalized output and the virtual batches' moments (float32 or wider)."""
+        small_batch.check_batch(x, virtual)
+        return small_batch.ghost_normalized(
+            x, self._parameters["weight"], self._parameters["bias"], virtual, self.eps
+        )
 
     def _into_ring(self, rule: Strategy, count: int, mean: Tensor, m2: Tensor) -> None:
         """Write a batch's float64 mean and M2 into the ring's next slot (as the mean and
@@ -524,7 +494,17 @@ class BatchNorm(_BatchNorm):
         weight: Tensor | None = self.weight
         bias: Tensor | None = self.bias
         if self.renorm:
-            weight, bias = self._renormalized_affine(x, mean.detach(), var.detach())
+            tracked = self._buffers["num_batches_tracked"]
+            assert tracked is not None  # renorm is refused without a strategy
+            r, d = small_batch.correction(
+                mean.detach(),
+                var.detach(),
+                self.population_statistics(),
+                self._renorm_limits.at(tracked),
+                tracked > 0,
+                self.eps,
+            )
+            weight, bias = small_batch.corrected_affine(weight, bias, r, d)
         y = distributed.normalized(x, mean, var, weight, bias, self.eps)
         rule = self._training_rule()
         if rule is None:
@@ -546,12 +526,11 @@ class BatchNorm(_BatchNorm):
             self._check_input_dim(x)
             if x.shape[0] == 0:
                 return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-            small_batch.check_virtual_batches(x, virtual)
-            return small_batch.ghost_batch_norm(x, virtual, self.weight, self.bias, self.eps, None)
+            return self._ghost_normalized(x, virtual)[0]
         distributed.check_shape(x, self.num_features, group)
         self._check_input_dim(x)
         try:
-            small_batch.check_virtual_batches(x, virtual)
+            small_batch.check_batch(x, virtual)
         except ValueError as error:
             distributed.take_part_and_raise(x, self.num_features, group, error)
         count = x.numel() // self.num_features
@@ -560,7 +539,8 @@ class BatchNorm(_BatchNorm):
             zeros = torch.zeros(self.num_features, dtype=STATS_DTYPE, device=x.device)
             mean, m2 = zeros, zeros
         else:
-            mean, m2, y = self._ghost_moments(x, virtual)
+            y, moments = self._ghost_normalized(x, virtual)
+            mean, m2 = small_batch.pooled(small_batch.virtual_batch_counts(x, virtual), moments)
         total, mean, m2 = distributed.merged_moments(count, mean, m2, self.num_features, group)
         if torch.compiler.is_compiling():
             self._fold_now(rule, total, mean, m2)

@@ -584,6 +584,12 @@ COMPILED = {
 }
 
 
+# torch.compile itself instantiates torch.autograd.Function to trace a custom one, which
+# torch deprecates (torch/_dynamo/side_effects.py, torch 2.13)
+@pytest.mark.filterwarnings(
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
 @pytest.mark.parametrize("mode", list(COMPILED))
 def test_compile_traces_without_graph_breaks_or_recompiles(mode):
     """One graph (``fullgraph=True``; ``error_on_recompile``) for every step, including
