@@ -439,7 +439,8 @@ class BatchNorm(_BatchNorm):
         )
         if rule is not None:
             count = x.numel() // self.num_features
-            self._fold_now(rule, count, moments[0], moments[1] * (count - 1))
+            mean, var = moments.unbind(0)
+            self._fold_now(rule, count, mean, var * (count - 1))
         return y
 
     def _train_ghost(self, x: Tensor, virtual: int, rule: Strategy | None) -> Tensor:

@@ -103,7 +103,8 @@ def correction(
     # in the backward pass: it could recompute r and d there from the strategy's buffers,
     # which the fold of this batch has changed by then (r and d would be the next step's).
     corrected = torch.stack((torch.where(seen, r, 1.0), torch.where(seen, d, 0.0)))
-    return corrected[0], corrected[1]
+    r, d = corrected.unbind(0)
+    return r, d
 
 
 def corrected_affine(
@@ -112,8 +113,7 @@ def corrected_affine(
     r"""The weight and bias that turn the normalized batch :math:`\hat x` into
     :math:`\gamma (\hat x r + d) + \beta`: :math:`\gamma r` and :math:`\gamma d + \beta`
     (``r`` and ``d`` alone without ``weight``). Gradients reach ``weight`` and ``bias``
-    through them; ``r`` and ``d`` carry none."""
-    r, d = r.detach(), d.detach()
+    through them; ``r`` and ``d``, computed from detached statistics, carry none."""
     if weight is None:
         return r, d if bias is None else d + bias
     return weight * r, weight * d if bias is None else torch.addcmul(bias, weight, d)
@@ -181,11 +181,11 @@ class RenormalizedBatchNorm(torch.autograd.Function):
         count = x.numel() // x.shape[1]
         kernel = torch.zeros(2, x.shape[1], dtype=_kernel_dtype(x), device=x.device)
         x_hat, save_mean, save_invstd = aten.native_batch_norm(
-            x, None, None, kernel[0], kernel[1], True, 1.0, eps
+            x, None, None, *kernel.unbind(0), True, 1.0, eps
         )
         moments = kernel.to(STATS_DTYPE, copy=True)
-        biased = moments[1] * ((count - 1) / count)
-        r, d = correction(moments[0], biased, estimate, limits, seen, eps)
+        mean, var = moments.unbind(0)
+        r, d = correction(mean, var * ((count - 1) / count), estimate, limits, seen, eps)
         scale, shift = corrected_affine(weight, bias, r, d)
         y = x_hat.mul_(_channel_view(scale, x_hat)).add_(_channel_view(shift, x_hat))
         ctx.save_for_backward(x, weight, r, d, save_mean, save_invstd)
@@ -240,21 +240,21 @@ class GhostBatchNorm(torch.autograd.Function):
         moments = torch.zeros(2, count, x.shape[1], dtype=dtype, device=x.device)
         saved = torch.empty(2, count, x.shape[1], dtype=dtype, device=x.device)
         y = torch.empty_like(x)
-        for k, (part, out) in enumerate(
-            zip(torch.split(x, virtual_batch_size), torch.split(y, virtual_batch_size), strict=True)
-        ):
+        rows = [row.unbind(0) for tensor in (moments, saved) for row in tensor.unbind(0)]
+        parts = (torch.split(x, virtual_batch_size), torch.split(y, virtual_batch_size))
+        for part, out, mean, var, save_mean, save_invstd in zip(*parts, *rows, strict=True):
             aten.native_batch_norm.out(
                 part,
                 wide_weight,
                 wide_bias,
-                moments[0, k],
-                moments[1, k],
+                mean,
+                var,
                 True,
                 1.0,
                 eps,
                 out=out,
-                save_mean=saved[0, k],
-                save_invstd=saved[1, k],
+                save_mean=save_mean,
+                save_invstd=save_invstd,
             )
         ctx.save_for_backward(x, wide_weight, saved)
         ctx.virtual_batch_size, ctx.eps = virtual_batch_size, eps
@@ -269,32 +269,32 @@ class GhostBatchNorm(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         size, grad = ctx.virtual_batch_size, _gradient_layout(grad, x)
         grad_x = torch.empty_like(x) if need_x else None
-        sums = torch.zeros(2, x.shape[1], dtype=saved.dtype, device=x.device)
         mask = [need_x, need_weight, need_bias]
-        for k, (part, part_grad) in enumerate(
-            zip(torch.split(x, size), torch.split(grad, size), strict=True)
-        ):
+        sums: list[list[Tensor]] = [[], []]
+        save_means, save_invstds = (row.unbind(0) for row in saved.unbind(0))
+        parts = zip(
+            torch.split(x, size), torch.split(grad, size), save_means, save_invstds, strict=True
+        )
+        for k, (part, part_grad, save_mean, save_invstd) in enumerate(parts):
             dx, dweight, dbias = aten.native_batch_norm_backward(
                 part_grad,
                 part,
                 wide_weight,
                 None,
                 None,
-                saved[0, k],
-                saved[1, k],
+                save_mean,
+                save_invstd,
                 True,
                 ctx.eps,
                 mask,
             )
             if grad_x is not None:  # (each into its slice: the slices are one gradient)
                 grad_x[k * size : (k + 1) * size].copy_(dx)
-            if need_weight:
-                sums[0] += dweight
-            if need_bias:
-                sums[1] += dbias
+            sums[0].append(dweight)
+            sums[1].append(dbias)
         weight_dtype, bias_dtype = ctx.dtypes
-        grad_weight = sums[0].to(weight_dtype) if need_weight else None
-        grad_bias = sums[1].to(bias_dtype) if need_bias else None
+        grad_weight = torch.stack(sums[0]).sum(0).to(weight_dtype) if need_weight else None
+        grad_bias = torch.stack(sums[1]).sum(0).to(bias_dtype) if need_bias else None
         return grad_x, grad_weight, grad_bias, None, None
 
 
