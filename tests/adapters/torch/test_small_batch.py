@@ -574,6 +574,65 @@ def test_a_low_precision_module_trains_as_the_float64_one_and_keeps_float64_stat
     torch.testing.assert_close(var, wide_var, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", list(SMALL_BATCH_MODES))
+def test_channels_last_input_trains_as_contiguous_input(mode):
+    """The same outputs and gradients for (N, C, H, W) input laid out channels-last, whose
+    gradient the kernels' backward gets in that layout too."""
+    settings = {"stats": "welford", "dtype": F64, **SMALL_BATCH_MODES[mode]}
+    contiguous = with_parameters(BatchNorm(C, **settings))
+    channels_last = with_parameters(BatchNorm(C, **settings))
+    generator = torch.Generator().manual_seed(15)
+    for x in drifting_batches(4, count=3, sizes=[7, 7, 7], seed=15):
+        upstream = torch.randn(x.shape, generator=generator, dtype=F64)
+        layout = torch.channels_last
+        # (the upstream gradient in the other layout: the backward lays it out as the input)
+        ours = train_step(channels_last, x.contiguous(memory_format=layout), upstream)
+        assert ours[0].is_contiguous(memory_format=layout)
+        assert_same_step(ours, train_step(contiguous, x, upstream), FLOAT64, 0)
+
+
+@pytest.mark.parametrize("mode", list(SMALL_BATCH_MODES))
+def test_parameter_gradients_without_an_input_gradient(mode):
+    """An input that needs no gradient (a network's first layer): the parameters' gradients
+    alone, those of a run whose input does."""
+    settings = {"stats": "ema", "dtype": F64, **SMALL_BATCH_MODES[mode]}
+    with_input, without = (
+        with_parameters(BatchNorm(C, **settings)),
+        with_parameters(BatchNorm(C, **settings)),
+    )
+    x = drifting_batches(4, count=1, sizes=[7], seed=16)[0]
+    upstream = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(16))
+    train_step(with_input, x, upstream)
+    (without(x) * upstream).sum().backward()
+    torch.testing.assert_close(without.weight.grad, with_input.weight.grad, **FLOAT64)
+    torch.testing.assert_close(without.bias.grad, with_input.bias.grad, **FLOAT64)
+
+
+@pytest.mark.parametrize("mode", list(SMALL_BATCH_MODES))
+def test_autocast_bfloat16_trains_close_to_float32(mode):
+    settings = {"stats": "welford", **SMALL_BATCH_MODES[mode]}
+    autocast, wide = BatchNorm(C, **settings), BatchNorm(C, **settings)
+    for x in drifting_batches(4, count=3, sizes=[7, 7, 7], seed=17, dtype=torch.float32):
+        x = x.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = autocast(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), wide(x.float()), rtol=2e-2, atol=4e-2)
+    assert all(b.dtype == F64 for b in autocast.strategy_state.buffers())
+    torch.testing.assert_close(autocast.running_var, wide.running_var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", list(SMALL_BATCH_MODES))
+def test_a_second_derivative_is_refused(mode):
+    """The backward runs torch's kernels on statistics saved from the forward: it is not
+    itself differentiable, and asking for it says so rather than giving a wrong number."""
+    module = BatchNorm(C, **SMALL_BATCH_MODES[mode])
+    x = torch.randn(7, C, 2, 2, requires_grad=True)
+    (grad,) = torch.autograd.grad(module(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 # -- torch.compile ------------------------------------------------------------------------------
 
 
