@@ -125,8 +125,9 @@ class BatchNorm(_BatchNorm):
         biased variance, and ``r``, ``d`` (constants of the backward pass) the clipped
         correction towards the strategy's estimate before the batch
         (:func:`normstats.functional.renorm_correction`); before the first tracked batch
-        ``r = 1``, ``d = 0``. Evaluation is unchanged. Needs a running estimate in
-        training: refused with ``"exact"`` and ``"batch"``.
+        ``r = 1``, ``d = 0``. With ``sync``, the batch statistics (and so ``r`` and ``d``)
+        are those of every rank's batch together. Evaluation is unchanged. Needs a running
+        estimate in training: refused with ``"exact"`` and ``"batch"``.
     r_max, d_max : float
         The clipping limits of ``r`` (at least 1) and ``d`` (non-negative).
     renorm_warmup : int
@@ -140,7 +141,9 @@ class BatchNorm(_BatchNorm):
         holds the remainder), each normalized with its own statistics; the strategy is fed
         the moments of the whole batch (pooled exactly), once per step. With ``sync``, the
         virtual batches stay on their rank and the strategy is fed every rank's batch
-        together. Not together with ``renorm``.
+        together. Not together with ``renorm``. (The backward pass of either mode is torch's
+        batch-norm backward on statistics saved by the forward, not itself differentiable: a
+        second derivative is refused.)
     device, dtype :
         Of the parameters and ``running_*`` buffers; the strategy keeps float64, and it
         receives every batch's moments at float32 precision or better whatever ``dtype``.
