@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from normstats import ExponentialMovingAverage, RunningStats
+from normstats import ExactFullPass, ExponentialMovingAverage, RunningStats
 from normstats.estimators import Strategy, resolve_stats
+from normstats.functional import renorm_limits
 from normstats.validation import NAN_POLICIES, as_flag, check_unit_interval
 
 DEFAULT_NAN_POLICY = "skip"
@@ -126,6 +127,48 @@ def layer_momentum(strategy: Strategy | None, momentum: float | None) -> float |
     return momentum
 
 
+def small_batch_mode(
+    strategy: Strategy | None,
+    renorm: bool,
+    r_max: float,
+    d_max: float,
+    renorm_warmup: int,
+    virtual_batch_size: int | None,
+) -> tuple[bool, float, float, int, int | None]:
+    """``(renorm, r_max, d_max, renorm_warmup, virtual_batch_size)``, checked.
+
+    Batch Renormalization corrects each training batch towards the running estimate of
+    ``strategy``: ``"batch"`` keeps none and ``"exact"`` has none during training (it is
+    filled by ``recalibrate`` afterwards), so both are refused with it. It and Ghost
+    BatchNorm (``virtual_batch_size``) are two different training normalizations: asking
+    for both is refused. The clipping limits are checked whether ``renorm`` is on or not.
+    """
+    renorm = flag("renorm", renorm)
+    renorm_limits(0, renorm_warmup, r_max, d_max)  # checks the three of them
+    # (NumPy numbers or 0-d arrays, checked just above)
+    r_max, d_max, warmup = float(r_max), float(d_max), int(renorm_warmup)
+    virtual = (
+        None
+        if virtual_batch_size is None
+        else positive_int("virtual_batch_size", virtual_batch_size)
+    )
+    if renorm and virtual is not None:
+        raise ValueError(
+            f"renorm, virtual_batch_size: Batch Renormalization normalizes the whole batch and "
+            f"Ghost BatchNorm each virtual batch; expected one of them, got renorm=True and "
+            f"virtual_batch_size={virtual}"
+        )
+    if renorm and (strategy is None or isinstance(strategy, ExactFullPass)):
+        name = "batch" if strategy is None else strategy.name
+        raise ValueError(
+            f"renorm: Batch Renormalization corrects each training batch towards the running "
+            f"estimate of the layer's strategy, and stats={name!r} has none during training; "
+            f"expected a strategy that training feeds ('ema', 'cumulative', 'welford' or an "
+            f"estimator), got stats={name!r}"
+        )
+    return renorm, r_max, d_max, warmup, virtual
+
+
 __all__ = [
     "DEFAULT_NAN_POLICY",
     "build_strategy",
@@ -135,4 +178,5 @@ __all__ = [
     "layer_momentum",
     "non_negative_real",
     "positive_int",
+    "small_batch_mode",
 ]

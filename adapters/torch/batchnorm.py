@@ -19,6 +19,10 @@ that fold, on the device, without a host synchronisation, and counted in
 ``num_batches_skipped`` (``nan_policy="skip"``, the default), or raises at once
 (``nan_policy="raise"``, one host synchronisation per step). Under ``torch.compile`` every step
 folds directly, so that the traced graph does not depend on the ring's position.
+
+The small-batch training modes (:mod:`.small_batch`) keep this shape: Ghost BatchNorm writes
+the whole batch's pooled moments into the ring; Batch Renormalization folds every step at
+once, as the next step corrects towards an estimate that includes this one.
 """
 
 from __future__ import annotations
@@ -43,13 +47,14 @@ from normstats.estimators import StackedMoments, State, Strategy
 from normstats.functional import reduced_axes
 from normstats.moments import ShiftedMoments, moments_of_batch
 
-from . import distributed
+from . import distributed, small_batch
 from .arguments import (
     build_strategy,
     flag,
     layer_momentum,
     non_negative_real,
     positive_int,
+    small_batch_mode,
 )
 from .loading import plan_load, requested_strict
 from .ring import MomentRing
@@ -114,6 +119,31 @@ class BatchNorm(_BatchNorm):
         counted in ``num_batches_skipped`` (``"skip"``), or an error (``"raise"``). None
         (default) means ``"skip"`` for a strategy name and the instance's own policy for an
         estimator instance; a policy that contradicts the instance's is refused.
+    renorm : bool
+        Batch Renormalization (Ioffe, 2017) in training: the output is
+        ``weight * (x_hat * r + d) + bias``, ``x_hat`` normalized with the batch mean and
+        biased variance, and ``r``, ``d`` (constants of the backward pass) the clipped
+        correction towards the strategy's estimate before the batch
+        (:func:`normstats.functional.renorm_correction`); before the first tracked batch
+        ``r = 1``, ``d = 0``. With ``sync``, the batch statistics (and so ``r`` and ``d``)
+        are those of every rank's batch together. Evaluation is unchanged. Needs a running
+        estimate in training: refused with ``"exact"`` and ``"batch"``.
+    r_max, d_max : float
+        The clipping limits of ``r`` (at least 1) and ``d`` (non-negative).
+    renorm_warmup : int
+        Training steps over which the limits grow linearly from 1 and 0 to ``r_max`` and
+        ``d_max`` (:func:`normstats.functional.renorm_limits`); the step is
+        ``num_batches_tracked``, so training resumed from a state dict resumes the
+        warm-up. 0: the given limits from the start.
+    virtual_batch_size : int or None
+        Ghost BatchNorm (Hoffer et al., 2017) in training: the batch is split along
+        dimension 0 into consecutive virtual batches of this many samples (the last one
+        holds the remainder), each normalized with its own statistics; the strategy is fed
+        the moments of the whole batch (pooled exactly), once per step. With ``sync``, the
+        virtual batches stay on their rank and the strategy is fed every rank's batch
+        together. Not together with ``renorm``. (The backward pass of either mode is torch's
+        batch-norm backward on statistics saved by the forward, not itself differentiable: a
+        second derivative is refused.)
     device, dtype :
         Of the parameters and ``running_*`` buffers; the strategy keeps float64, and it
         receives every batch's moments at float32 precision or better whatever ``dtype``.
@@ -152,6 +182,11 @@ class BatchNorm(_BatchNorm):
         *,
         bias: bool = True,
         nan_policy: str | None = None,
+        renorm: bool = False,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        renorm_warmup: int = 0,
+        virtual_batch_size: int | None = None,
         device: Any = None,
         dtype: Any = None,
         **stats_kwargs: Any,
@@ -183,6 +218,11 @@ class BatchNorm(_BatchNorm):
         self.strategy, self.nan_policy = build_strategy(stats, momentum, nan_policy, stats_kwargs)
         self.momentum = layer_momentum(self.strategy, momentum)
         self.track_running_stats = self.strategy is not None
+        mode = small_batch_mode(
+            self.strategy, renorm, r_max, d_max, renorm_warmup, virtual_batch_size
+        )
+        self.renorm, self.r_max, self.d_max, self.renorm_warmup, self.virtual_batch_size = mode
+        self._renorm_limits = small_batch.RenormLimits(self.renorm_warmup, self.r_max, self.d_max)
         factory = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.ones(self.num_features, **factory))
@@ -254,10 +294,18 @@ class BatchNorm(_BatchNorm):
         return state
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"{self.num_features}, stats={self.stats_name!r}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, bias={self.bias is not None}"
         )
+        if self.renorm:
+            text += (
+                f", renorm=True, r_max={self.r_max}, d_max={self.d_max}, "
+                f"renorm_warmup={self.renorm_warmup}"
+            )
+        if self.virtual_batch_size is not None:
+            text += f", virtual_batch_size={self.virtual_batch_size}"
+        return text
 
     def __getattr__(self, name: str) -> Any:
         # torch keeps buffers outside __dict__, so reading one comes here: the statistics
@@ -288,8 +336,14 @@ class BatchNorm(_BatchNorm):
             self.check_calibrated()
             return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, self.eps)
         rule = self._training_rule()
-        if rule is None or x.shape[0] == 0:
-            # batch statistics only: nothing is tracked (an empty batch changes nothing)
+        if x.shape[0] == 0:  # as torch: an empty output, and nothing changes
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if self.renorm:
+            return self._train_renormalized(x, rule)
+        virtual = self.virtual_batch_size
+        if virtual is not None and x.shape[0] > virtual:
+            return self._train_ghost(x, virtual, rule)
+        if rule is None:  # batch statistics only: nothing is tracked
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         if torch.compiler.is_compiling():
             return self._train_folding_now(x, rule)
@@ -368,20 +422,134 @@ class BatchNorm(_BatchNorm):
         self._fold_now(rule, count, mean, var * (count - 1))
         return y
 
-    def _forward_synchronized(self, x: Tensor, group: Any) -> Tensor:
-        """Training with the batch statistics of every rank together (as SyncBatchNorm)."""
-        y, total, mean, m2 = distributed.synchronized_batch_norm(
-            x, self.weight, self.bias, self.eps, self.num_features, group
+    # -- small batches: Batch Renormalization and Ghost BatchNorm -----------------------------
+
+    def _train_renormalized(self, x: Tensor, rule: Strategy | None) -> Tensor:
+        """Batch Renormalization, corrected towards the strategy's estimate before this
+        batch, which is then folded at once (the next step corrects towards an estimate
+        that includes it)."""
+        small_batch.check_batch(x)
+        tracked = self._buffers["num_batches_tracked"]
+        assert tracked is not None  # renorm is refused without a strategy
+        y, moments = small_batch.renormalized(
+            x,
+            self._parameters["weight"],
+            self._parameters["bias"],
+            self.population_statistics(),
+            self._renorm_limits.at(tracked),
+            tracked > 0,
+            self.eps,
         )
+        if rule is not None:
+            count = x.numel() // self.num_features
+            mean, var = moments.unbind(0)
+            self._fold_now(rule, count, mean, var * (count - 1))
+        return y
+
+    def _train_ghost(self, x: Tensor, virtual: int, rule: Strategy | None) -> Tensor:
+        """Ghost BatchNorm: each virtual batch normalized with its own statistics; the
+        strategy is fed the moments of the whole batch, pooled from theirs."""
+        y, moments = self._ghost_normalized(x, virtual)
+        if rule is not None:
+            mean, m2 = small_batch.pooled(small_batch.virtual_batch_counts(x, virtual), moments)
+            count = x.numel() // self.num_features
+            if torch.compiler.is_compiling():
+                self._fold_now(rule, count, mean, m2)
+            else:
+                self._into_ring(rule, count, mean, m2)
+        return y
+
+    def _ghost_normalized(self, x: Tensor, virtual: int) -> tuple[Tensor, Tensor]:
+        """The ghost-normalized output and the virtual batches' moments (float32 or wider)."""
+        small_batch.check_batch(x, virtual)
+        return small_batch.ghost_normalized(
+            x, self._parameters["weight"], self._parameters["bias"], virtual, self.eps
+        )
+
+    def _into_ring(self, rule: Strategy, count: int, mean: Tensor, m2: Tensor) -> None:
+        """Write a batch's float64 mean and M2 into the ring's next slot (as the mean and
+        unbiased variance the kernel writes there)."""
+        ring = self._ring
+        if rule is not self._ring_rule or ring.totals:
+            self.fold_pending()
+            self._ring_rule = rule
+        # the dtype the kernel's slots have (float32 at least), so that both kinds share it
+        scratch = torch.promote_types(self._moments_dtype(mean), BATCH_MOMENTS_DTYPE)
+        var = m2 / (count - 1)
+        if self.nan_policy == "raise" and not math.isfinite(var.sum()):
+            raise ValueError("x: expected finite values, got a training batch with NaN or Inf")
+        mean_row, var_row = ring.next_slot(self.num_features, scratch, mean.device)
+        mean_row.copy_(mean)
+        var_row.copy_(var)
+        ring.push(count)
+        if ring.full:
+            self.fold_pending()
+
+    def _forward_synchronized(self, x: Tensor, group: Any) -> Tensor:
+        """Training with the batch statistics of every rank together (as SyncBatchNorm);
+        Ghost BatchNorm normalizes this rank's virtual batches and feeds the strategy the
+        moments of every rank's batch together."""
+        virtual = self.virtual_batch_size
+        if virtual is not None:
+            return self._ghost_synchronized(x, virtual, group)
+        total, mean, m2 = distributed.synchronized_moments(x, self.num_features, group)
         self._check_input_dim(x)
+        var = m2 / total
+        weight: Tensor | None = self.weight
+        bias: Tensor | None = self.bias
+        if self.renorm:
+            tracked = self._buffers["num_batches_tracked"]
+            assert tracked is not None  # renorm is refused without a strategy
+            r, d = small_batch.correction(
+                mean.detach(),
+                var.detach(),
+                self.population_statistics(),
+                self._renorm_limits.at(tracked),
+                tracked > 0,
+                self.eps,
+            )
+            weight, bias = small_batch.corrected_affine(weight, bias, r, d)
+        y = distributed.normalized(x, mean, var, weight, bias, self.eps)
         rule = self._training_rule()
         if rule is None:
             return y
         mean, m2 = mean.detach(), m2.detach()
-        if torch.compiler.is_compiling():
-            self._fold_now(rule, total, mean.to(STATS_DTYPE), m2.to(STATS_DTYPE))
+        if torch.compiler.is_compiling() or self.renorm:
+            # (renorm corrects the next step towards an estimate that includes this one)
+            self._fold_now(rule, total, mean, m2)
         else:
             self._synchronized_into_ring(rule, total.detach(), mean, m2)
+        return y
+
+    def _ghost_synchronized(self, x: Tensor, virtual: int, group: Any) -> Tensor:
+        """Ghost BatchNorm under ``sync``: the virtual batches are this rank's (nothing
+        crosses ranks in the normalization), and one all-gather merges every rank's pooled
+        moments for the strategy."""
+        rule = self._training_rule()
+        if rule is None:  # nothing to merge
+            self._check_input_dim(x)
+            if x.shape[0] == 0:
+                return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return self._ghost_normalized(x, virtual)[0]
+        distributed.check_shape(x, self.num_features, group)
+        self._check_input_dim(x)
+        try:
+            small_batch.check_batch(x, virtual)
+        except ValueError as error:
+            distributed.take_part_and_raise(x, self.num_features, group, error)
+        count = x.numel() // self.num_features
+        if count == 0:
+            y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            zeros = torch.zeros(self.num_features, dtype=STATS_DTYPE, device=x.device)
+            mean, m2 = zeros, zeros
+        else:
+            y, moments = self._ghost_normalized(x, virtual)
+            mean, m2 = small_batch.pooled(small_batch.virtual_batch_counts(x, virtual), moments)
+        total, mean, m2 = distributed.merged_moments(count, mean, m2, self.num_features, group)
+        if torch.compiler.is_compiling():
+            self._fold_now(rule, total, mean, m2)
+        else:
+            self._synchronized_into_ring(rule, total, mean, m2)
         return y
 
     def _synchronized_into_ring(

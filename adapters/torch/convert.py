@@ -40,7 +40,10 @@ def convert(
     ``stats="ema"``, and an ``"exact"`` layer gets momentum 0.1 in its place (under ``None``
     an exact layer pools its training input, as ``swa_utils.update_bn`` asks). Keyword
     arguments override what is carried (``eps=``, ``momentum=``, ``nan_policy=``, strategy
-    arguments). Returns the converted model (a new root when the
+    arguments) or add to it: the small-batch training modes (``renorm=True, r_max=,
+    d_max=, renorm_warmup=`` or ``virtual_batch_size=``) apply to every converted layer;
+    ``renorm=True`` is refused before anything is replaced if a layer was built with
+    ``track_running_stats=False``. Returns the converted model (a new root when the
     root itself was a BatchNorm).
 
     >>> from torch import nn
@@ -49,13 +52,37 @@ def convert(
     >>> type(model[1]).__name__, model[1].stats_name
     ('BatchNorm', 'ema')
     """
+    if kwargs.get("renorm"):
+        _check_renormalizable(model)
+    return _converted_tree(model, stats, kwargs)
+
+
+def _converted_tree(
+    model: nn.Module, stats: str | type[Strategy] | RunningStats, kwargs: dict[str, Any]
+) -> nn.Module:
     if isinstance(model, TORCH_BATCHNORMS):
         return _converted(model, stats, kwargs)
     for name, child in model.named_children():
-        replacement = convert(child, stats, **kwargs)
+        replacement = _converted_tree(child, stats, kwargs)
         if replacement is not child:
             setattr(model, name, replacement)
     return model
+
+
+def _check_renormalizable(model: nn.Module) -> None:
+    """Refuse ``renorm=True`` before any layer is replaced if a layer keeps no running
+    statistics (it would become a ``"batch"`` layer, which has no estimate to correct to)."""
+    untracked = [
+        name or type(model).__name__
+        for name, layer in model.named_modules()
+        if isinstance(layer, TORCH_BATCHNORMS) and not layer.track_running_stats
+    ]
+    if untracked:
+        raise ValueError(
+            f"renorm: Batch Renormalization corrects each training batch towards the layer's "
+            f"running statistics; expected layers that track them, got "
+            f"track_running_stats=False in {', '.join(untracked)}"
+        )
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -126,13 +126,28 @@ def synchronized_batch_norm(
     """Batch normalization with the statistics of every rank's batch together.
 
     One all-gather per call carries each rank's (count, mean, M2) row, as SyncBatchNorm's
-    carries (mean, invstd, count); the rows are merged at once with Chan's formula
-    (:func:`merge_rows`), on the device, so every rank normalizes with the statistics of
-    the concatenated batch. Gradients flow through the gathered rows (the backward
-    all-reduces their gradient) to every rank's input, ``weight`` and ``bias``. Returns
-    ``(y, n, mean, M2)`` of the concatenated batch, the same on every rank, where the
-    total sample count per channel ``n`` is a 0-d float64 tensor on the input's device
-    (never read on the host; typed ``Any`` so that it folds wherever a count does).
+    carries (mean, invstd, count) (:func:`synchronized_moments`), so every rank normalizes
+    with the statistics of the concatenated batch (:func:`normalized`). Gradients flow
+    through the gathered rows (the backward all-reduces their gradient) to every rank's
+    input, ``weight`` and ``bias``. Returns ``(y, n, mean, M2)`` of the concatenated batch,
+    the same on every rank, where the total sample count per channel ``n`` is a 0-d float64
+    tensor on the input's device (never read on the host; typed ``Any`` so that it folds
+    wherever a count does).
+    """
+    total, mean, m2 = synchronized_moments(x, num_features, group)
+    return normalized(x, mean, m2 / total, weight, bias, eps), total, mean, m2
+
+
+def synchronized_moments(
+    x: Tensor, num_features: int, group: Any = None
+) -> tuple[Any, Tensor, Tensor]:
+    """``(n, mean, M2)`` per channel of every rank's batch together, differentiably.
+
+    One all-gather carries each rank's (count, mean, M2) row; the rows are merged at once
+    with Chan's formula (:func:`merge_rows`), on the device, and the same on every rank.
+    Gradients flow through the gathered rows to every rank's input (the backward
+    all-reduces their gradient). The total sample count per channel ``n`` is a 0-d float64
+    tensor on the input's device.
 
     A rank cannot see the other ranks' shapes without reading a collective's result on the
     host, which would stall a GPU at every step, and a row length that differs across
@@ -147,13 +162,10 @@ def synchronized_batch_norm(
 
     The statistics are computed in float32 or wider whatever the input's dtype (as
     SyncBatchNorm does: in float16, the M2 of a few thousand values overflows), and the
-    rows travel and merge in float64, which holds every count exactly. The output has the
-    input's dtype, and gradients flow through the casts.
+    rows travel and merge in float64, which holds every count exactly.
     """
     group = resolved(group)
-    _agree_on_shape(x, num_features, group)
-    if not (2 <= x.dim() <= 5 and x.shape[1] == num_features):
-        _take_part_without_statistics(x, num_features, group)
+    check_shape(x, num_features, group)
     count = x.numel() // num_features
     wide = x.to(torch.promote_types(x.dtype, BATCH_MOMENTS_DTYPE))
     if count:
@@ -161,9 +173,35 @@ def synchronized_batch_norm(
         moments = [mean, var * count]
     else:  # an empty rank takes part with count 0 (the sum keeps its input in the graph)
         moments = [wide.new_zeros(2 * num_features) + wide.sum() * 0]
-    # one float64 row (cat promotes): count, mean, M2
-    local = torch.cat([torch.full((1,), count, dtype=STATS_DTYPE, device=x.device), *moments])
-    rows = gather_differentiable(local, group)
+    total, mean, m2 = _merged(_row(count, moments, x.device), num_features, group, True)
+    if count <= 1 and float(total) <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {float(total):g} "
+            "over all ranks"
+        )
+    return total, mean, m2
+
+
+def merged_moments(
+    count: int, mean: Tensor, m2: Tensor, num_features: int, group: Any = None
+) -> tuple[Any, Tensor, Tensor]:
+    """``(n, mean, M2)`` of every rank's moments together (``count`` values per channel of
+    mean ``mean`` and sum of squared deviations ``m2`` on this rank), without gradient: one
+    all-gather, merged as in :func:`synchronized_moments`. The caller checks its input
+    first (:func:`check_shape`)."""
+    local = _row(count, [mean.detach(), m2.detach()], mean.device)
+    return _merged(local, num_features, resolved(group), False)
+
+
+def _row(count: int, moments: list[Tensor], device: torch.device) -> Tensor:
+    """One float64 row (cat promotes): count, mean, M2."""
+    return torch.cat([torch.full((1,), count, dtype=STATS_DTYPE, device=device), *moments])
+
+
+def _merged(
+    local: Tensor, num_features: int, group: Any, differentiable: bool
+) -> tuple[Any, Tensor, Tensor]:
+    rows = gather_differentiable(local, group) if differentiable else gather_rows(local, group)
     counts, means, m2s = (
         rows[:, 0].detach(),
         rows[:, 1 : 1 + num_features],
@@ -171,20 +209,41 @@ def synchronized_batch_norm(
     )
     reference = means[counts.argmax()].detach()
     total, step, m2 = merge_rows(counts, means - reference, m2s)
-    if count <= 1 and float(total) <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got {float(total):g} "
-            "over all ranks"
-        )
-    mean = reference + step
-    # per-channel scale and shift, so the activations are touched once
-    shape = [1, num_features] + [1] * (x.dim() - 2)
-    scale = torch.rsqrt(m2 / total + eps)
+    return total, reference + step, m2
+
+
+def normalized(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, computed in float32 or
+    wider and returned in ``x``'s dtype; gradients flow to every argument but ``eps``. A
+    per-channel scale and shift, so that the activations are touched once."""
+    wide = x.to(torch.promote_types(x.dtype, BATCH_MOMENTS_DTYPE))
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
     y = torch.addcmul(shift.to(wide.dtype).view(shape), wide, scale.to(wide.dtype).view(shape))
-    return y.to(x.dtype), total, mean, m2
+    return y.to(x.dtype)
+
+
+def check_shape(x: Tensor, num_features: int, group: Any) -> None:
+    """Make sure every rank's input fits ``num_features`` before a collective: the first
+    time on ``group``, every rank's shape is compared (:func:`_agree_on_shape`); a rank
+    whose input does not fit later takes part with a NaN count and raises."""
+    _agree_on_shape(x, num_features, group)
+    if not (2 <= x.dim() <= 5 and x.shape[1] == num_features):
+        _take_part_without_statistics(x, num_features, group)
+
+
+def take_part_and_raise(x: Tensor, num_features: int, group: Any, error: ValueError) -> None:
+    """Send a row of NaN count (every rank's statistics of this step become NaN), so that no
+    rank waits for this one, then raise ``error``, this rank's own."""
+    row = torch.zeros(1 + 2 * num_features, dtype=STATS_DTYPE, device=x.device)
+    row[0] = math.nan
+    gather_rows(row, resolved(group))
+    raise error
 
 
 def _agree_on_shape(x: Tensor, num_features: int, group: Any) -> None:
@@ -211,16 +270,14 @@ def _agree_on_shape(x: Tensor, num_features: int, group: Any) -> None:
 
 
 def _take_part_without_statistics(x: Tensor, num_features: int, group: Any) -> None:
-    """Send a row of NaN count (every rank's statistics of this step become NaN), so that no
-    rank waits for this one, then raise the error of this rank's input."""
-    row = torch.zeros(1 + 2 * num_features, dtype=STATS_DTYPE, device=x.device)
-    row[0] = math.nan
-    gather_rows(row, group)
-    raise ValueError(
+    """Take part with a NaN count (every rank's statistics of this step become NaN), so that
+    no rank waits for this one, then raise the error of this rank's input."""
+    error = ValueError(
         f"x: expected 2D to 5D input with {num_features} channels (dimension 1), got input of "
         f"shape {tuple(x.shape)}; this rank took part in the synchronization with a NaN "
         "count, so every rank's output of this step is NaN"
     )
+    take_part_and_raise(x, num_features, group, error)
 
 
 class RankFailedError(RuntimeError):
@@ -398,12 +455,17 @@ __all__ = [
     "active",
     "agree",
     "all_reduce_stats",
+    "check_shape",
     "gather_differentiable",
     "gather_rows",
     "gather_within",
     "merge_pooled",
     "merge_rows",
     "merged_in_rank_order",
+    "merged_moments",
+    "normalized",
     "resolved",
     "synchronized_batch_norm",
+    "synchronized_moments",
+    "take_part_and_raise",
 ]

@@ -707,6 +707,56 @@ def reduced_user_stats(
     return result
 
 
+def ghost_steady_state(rank: int, world: int) -> dict[str, Any]:
+    """Collectives and host reads of a synchronized Ghost BatchNorm layer's later steps (its
+    channels are compared across ranks at the first step), and no collective at all while
+    it tracks nothing."""
+    channels = 5
+    bn = BatchNorm(channels, sync=True, stats="welford", virtual_batch_size=2)
+    x = torch.randn(rank + 3, channels, 2, 2, requires_grad=True)
+    bn(x).sum().backward()
+    result: dict[str, Any] = {
+        "later": [_collectives(lambda: bn(x).sum().backward()) for _ in range(2)],
+        "host_reads": _without_host_reads(lambda: bn(x).sum().backward()),
+    }
+    bn.track_running_stats = False
+    result["untracked"] = _collectives(lambda: bn(x).sum().backward())
+    result["tracked"] = int(bn.num_batches_tracked)
+    return result
+
+
+def ghost_fault(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0's last virtual batch holds one value per channel: it raises, the others'
+    step is skipped (NaN statistics) rather than left waiting, and the ranks stay in step."""
+    bn = BatchNorm(C_FAULT, sync=True, stats="welford", virtual_batch_size=2)
+    good = torch.randn(4, C_FAULT)
+    bn(good)
+    result: dict[str, Any] = {}
+    try:
+        bn(torch.randn(3 if rank == 0 else 4, C_FAULT))
+    except ValueError as error:
+        result["error"] = str(error)
+    bn(good)
+    result["tracked"] = int(bn.num_batches_tracked)
+    result["skipped"] = int(bn.num_batches_skipped)
+    result["in_sync"] = _in_sync(world)
+    return result
+
+
+C_FAULT = 3
+
+
+def small_batch_task(rank: int, world: int, cases: dict[str, Any]) -> Any:
+    """Synchronized renorm and ghost layers (:func:`sync_layer`), their collectives, and a
+    ghost layer whose virtual batch is refused on one rank."""
+    parts: dict[str, Callable[[], Any]] = {
+        name: (lambda case=case: sync_layer(rank, **case)) for name, case in cases.items()
+    }
+    parts["ghost_steady_state"] = lambda: ghost_steady_state(rank, world)
+    parts["ghost_fault"] = lambda: ghost_fault(rank, world)
+    return _run_parts(parts)
+
+
 # -- what one spawn runs -------------------------------------------------------------------
 
 
@@ -781,4 +831,5 @@ TASKS: dict[str, Callable[..., Any]] = {
     "recalibration_faults": recalibration_faults_task,
     "dying": dying_task,
     "user_strategies": user_strategies_task,
+    "small_batch": small_batch_task,
 }

@@ -898,3 +898,144 @@ def test_share_memory_reaches_the_strategy_buffers_which_stay_float64(stats):
     bn.half()
     assert bn.running_mean.dtype == torch.float16
     assert all(b.dtype == F64 for b in bn.strategy_state.buffers())
+
+
+# -- 5. small-batch modes under sync: Batch Renormalization and Ghost BatchNorm -----------------
+
+
+SMALL_BATCH_SIZES = [[5, 2], [3, 0], [4, 4], [1, 6], [6, 3]]
+"""Per step, each of 2 ranks' batch size: uneven, one rank empty once."""
+RENORM = {"renorm": True, "r_max": 1.5, "d_max": 0.5, "renorm_warmup": 2}
+GHOST = {"virtual_batch_size": 2}
+
+
+def small_batch_case(seed: int, **settings: Any) -> dict[str, Any]:
+    """Per step and rank a (N, C, 4, 4) float64 batch near mean 0 and variance 1 whose
+    statistics drift (so that renorm clips some channels), loss weights, and parameters."""
+    rng = np.random.default_rng(seed)
+    steps = [
+        [rng.normal(size=(n, C, SIDE, SIDE)) * (1.0 + 0.3 * k) + 0.2 * k - 0.3 for n in row]
+        for k, row in enumerate(SMALL_BATCH_SIZES)
+    ]
+    return {
+        "steps": steps,
+        "loss_weights": [[rng.normal(size=b.shape) for b in row] for row in steps],
+        "weight": rng.uniform(0.5, 1.5, size=C),
+        "bias": rng.normal(size=C),
+        "eval_input": rng.normal(size=(4, C, SIDE, SIDE)),
+        "stats": "ema",
+        "momentum": MOMENTUM,
+        **settings,
+    }
+
+
+SMALL_BATCH_CASES = {
+    "renorm": small_batch_case(51, **RENORM),
+    "ghost": small_batch_case(52, **GHOST),
+}
+
+
+@pytest.fixture(scope="module")
+def small_batch_on_2() -> list[dict[str, Any]]:
+    return spawn("small_batch", 2, SMALL_BATCH_CASES)
+
+
+def parameters_of(case: dict[str, Any]) -> list[Any]:
+    return [torch.from_numpy(case[k]).clone().requires_grad_() for k in ("weight", "bias")]
+
+
+def test_sync_renorm_corrects_with_the_global_batch_statistics(small_batch_on_2):
+    """Outputs and input gradients are Batch Renormalization's definition over the
+    concatenated batch (r and d from its statistics and an EMA of the concatenated batches),
+    and parameter gradients summed over ranks are those of one process."""
+    from normstats.functional import renorm_limits
+
+    from .test_small_batch import renorm_reference
+
+    case = SMALL_BATCH_CASES["renorm"]
+    ranks = part(small_batch_on_2, "renorm")
+    estimator = ns.EMA(momentum=MOMENTUM)
+    clipped = []
+    for step, (row, weights) in enumerate(zip(case["steps"], case["loss_weights"], strict=True)):
+        parameters = parameters_of(case)
+        x = torch.from_numpy(np.concatenate(row)).requires_grad_()
+        estimate = None if step == 0 else (estimator.mean, estimator.var)
+        limits = renorm_limits(step, RENORM["renorm_warmup"], RENORM["r_max"], RENORM["d_max"])
+        y, clip = renorm_reference(x, *parameters, estimate, limits)
+        (y * torch.from_numpy(np.concatenate(weights))).sum().backward()
+        clipped.append(clip)
+        for rank, cut in enumerate(rank_slices(SMALL_BATCH_SIZES[step])):
+            r = ranks[rank]
+            np.testing.assert_allclose(r["y"][step], y.detach().numpy()[cut], **TOL)
+            np.testing.assert_allclose(r["x_grad"][step], x.grad.numpy()[cut], **TOL)
+        for name, parameter in zip(("weight_grad", "bias_grad"), parameters, strict=True):
+            total = sum(r[name][step] for r in ranks)
+            np.testing.assert_allclose(total, parameter.grad.numpy(), **TOL, err_msg=name)
+        estimator.update(x.detach().numpy(), axis=(0, 2, 3))
+    seen = torch.stack(clipped[1:])
+    assert seen.any()
+    assert not seen.all()
+    for r in ranks:
+        np.testing.assert_allclose(r["running_mean"], estimator.mean, **TOL)
+        np.testing.assert_allclose(r["running_var"], estimator.var, **TOL)
+        assert r["num_batches_tracked"] == len(SMALL_BATCH_SIZES)
+
+
+def test_sync_ghost_normalizes_each_ranks_virtual_batches_and_feeds_the_whole_batch(
+    small_batch_on_2,
+):
+    """Each rank's output and gradients are those of its own virtual batches normalized
+    separately (nothing crosses ranks); the running statistics, the same on every rank, are
+    torch's EMA over the concatenated batches, one update per step."""
+    from .test_small_batch import ghost_reference
+
+    case = SMALL_BATCH_CASES["ghost"]
+    ranks = part(small_batch_on_2, "ghost")
+    twin = nn.BatchNorm2d(C, momentum=MOMENTUM, dtype=F64)
+    with torch.no_grad():
+        twin.weight.copy_(torch.from_numpy(case["weight"]))
+        twin.bias.copy_(torch.from_numpy(case["bias"]))
+    for step, (row, weights) in enumerate(zip(case["steps"], case["loss_weights"], strict=True)):
+        for rank, (batch, w) in enumerate(zip(row, weights, strict=True)):
+            parameters = parameters_of(case)
+            x = torch.from_numpy(batch).requires_grad_()
+            y = ghost_reference(x, GHOST["virtual_batch_size"], *parameters) if len(batch) else x
+            (y * torch.from_numpy(w)).sum().backward()
+            r = ranks[rank]
+            np.testing.assert_allclose(r["y"][step], y.detach().numpy(), **TOL)
+            if len(batch):
+                np.testing.assert_allclose(r["x_grad"][step], x.grad.numpy(), **TOL)
+                np.testing.assert_allclose(
+                    r["weight_grad"][step], parameters[0].grad.numpy(), **TOL
+                )
+                np.testing.assert_allclose(r["bias_grad"][step], parameters[1].grad.numpy(), **TOL)
+        twin(torch.from_numpy(np.concatenate(row)))
+    twin.eval()
+    with torch.no_grad():
+        y_eval = twin(torch.from_numpy(case["eval_input"])).numpy()
+    for r in ranks:
+        np.testing.assert_allclose(r["running_mean"], twin.running_mean.numpy(), **TOL)
+        np.testing.assert_allclose(r["running_var"], twin.running_var.numpy(), **TOL)
+        assert r["num_batches_tracked"] == len(SMALL_BATCH_SIZES)
+        np.testing.assert_allclose(r["y_eval"], y_eval, **TOL)
+
+
+def test_sync_ghost_step_is_one_all_gather_without_host_reads(small_batch_on_2):
+    for rank, r in enumerate(part(small_batch_on_2, "ghost_steady_state")):
+        # the normalization is local: no all-reduce in the backward pass
+        assert r["later"] == [{"all-gather": 1, "all-reduce": 0}] * 2, f"rank {rank}"
+        assert r["host_reads"] == "none", f"rank {rank}"
+        assert r["untracked"] == {"all-gather": 0, "all-reduce": 0}, f"rank {rank}"
+        assert r["tracked"] == 4
+
+
+def test_sync_ghost_refused_virtual_batch_raises_there_and_skips_the_others_step(
+    small_batch_on_2,
+):
+    first, second = part(small_batch_on_2, "ghost_fault")
+    assert "virtual_batch_size=2" in first["error"]
+    assert "error" not in second
+    assert (first["tracked"], first["skipped"]) == (2, 0)
+    assert (second["tracked"], second["skipped"]) == (2, 1)
+    assert first["in_sync"]
+    assert second["in_sync"]
