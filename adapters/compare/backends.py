@@ -9,6 +9,7 @@ backend :class:`normstats.adapters.torch.BatchNorm`.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from ..numpy import (
 from ..numpy.training import SGD
 from . import strategies
 from .data import Dataset
+from .train_modes import PLAIN, TrainMode
 
 HIDDEN = (128, 64)
 """Widths of the MLP's hidden layers (each Linear -> BatchNorm -> ReLU)."""
@@ -98,9 +100,27 @@ class FanOut(ns.Welford):
     a regular strategy) and hands every batch's moments to the other estimators too.
     """
 
-    def __init__(self, names: tuple[str, ...]) -> None:
+    def __init__(self, names: tuple[str, ...], reference: str | None = None) -> None:
         super().__init__()
-        self.estimators = {name: strategies.estimator(name) for name in names}
+        every = names if reference is None or reference in names else (*names, reference)
+        self.estimators = {name: strategies.estimator(name) for name in every}
+        self.reference = reference
+        """The tracked strategy whose estimate the layer reads in training (Batch
+        Renormalization's running statistics), or None."""
+
+    @property
+    def mean(self) -> Any:
+        return super().mean if self.reference is None else self.estimators[self.reference].mean
+
+    @property
+    def var(self) -> Any:
+        return super().var if self.reference is None else self.estimators[self.reference].var
+
+    @property
+    def num_batches(self) -> int:
+        if self.reference is None:
+            return super().num_batches
+        return self.estimators[self.reference].num_batches
 
     def update_moments(self, moments: ns.Moments) -> None:
         super().update_moments(moments)
@@ -111,8 +131,16 @@ class FanOut(ns.Welford):
 class NumpyRun:
     """An MLP or a CNN of the NumPy adapter, the same architectures as the torch backend's."""
 
-    def __init__(self, data: Dataset, model: str, seed: int, tracked: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        data: Dataset,
+        model: str,
+        seed: int,
+        tracked: tuple[str, ...],
+        mode: TrainMode = PLAIN,
+    ) -> None:
         rng = np.random.default_rng(seed)
+        self.mode = mode
         layers: list[Any] = []
         self.norms: list[ns.BatchNorm] = []
         if model == "mlp":
@@ -138,8 +166,14 @@ class NumpyRun:
         self.optimizer: SGD | None = None
 
     def _norm(self, features: int, tracked: tuple[str, ...]) -> ns.BatchNorm:
-        norm = ns.BatchNorm(features, stats="welford")
-        norm.stats = FanOut(tracked)
+        mode = self.mode
+        norm = ns.BatchNorm(
+            features,
+            stats="welford",
+            renorm=mode.reference is not None,
+            virtual_batch_size=mode.virtual_batch_size,
+        )
+        norm.stats = FanOut(tracked, mode.reference)
         self.norms.append(norm)
         return norm
 
@@ -252,14 +286,24 @@ class TorchRun:
     layers as a calibration.
     """
 
-    def __init__(self, data: Dataset, model: str, seed: int, tracked: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        data: Dataset,
+        model: str,
+        seed: int,
+        tracked: tuple[str, ...],
+        mode: TrainMode = PLAIN,
+    ) -> None:
         import torch
 
         from ..torch import BatchNorm
 
         torch.manual_seed(seed)
         self.torch = torch
-        self.model = _torch_model(data, model)
+        self.model = _torch_model(data, model, mode)
+        self.trained: list[dict[str, Any]] = []
+        """The layers' state dicts at the end of training (a renorm layer's strategy is its
+        training state, which evaluating other strategies overwrites)."""
         self.norms = [m for m in self.model.modules() if isinstance(m, BatchNorm)]
         self.data = data
         self.generator = torch.Generator().manual_seed(seed)
@@ -302,6 +346,7 @@ class TorchRun:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
+        self.trained = [copy.deepcopy(norm.state_dict()) for norm in self.norms]
         return float(torch.stack(losses).double().mean()) if losses else math.nan
 
     def statistics(self, strategy: str, calibration: list[Any]) -> Statistics | None:
@@ -350,8 +395,17 @@ class TorchRun:
             if strategy == "batch":  # test batches normalized with their own statistics
                 self.model.eval()
                 self.tracking = False
+                # plain batch statistics, whatever the training mode, and nothing tracked
+                modes = [
+                    (n.renorm, n.virtual_batch_size, n.track_running_stats) for n in self.norms
+                ]
                 for norm in self.norms:
                     norm.train()
+                    norm.renorm, norm.virtual_batch_size, norm.track_running_stats = (
+                        False,
+                        None,
+                        False,
+                    )
                 try:
                     correct = sum(
                         int((self.model(X[i]).argmax(1) == y[i]).sum())
@@ -359,6 +413,12 @@ class TorchRun:
                     )
                 finally:
                     self.tracking = True
+                    for norm, (renorm, virtual, track) in zip(self.norms, modes, strict=True):
+                        norm.renorm, norm.virtual_batch_size, norm.track_running_stats = (
+                            renorm,
+                            virtual,
+                            track,
+                        )
                 return correct / len(X)
             self.model.eval()
             return int((self.model(X).argmax(1) == y).sum()) / len(y)
@@ -370,19 +430,30 @@ class TorchRun:
         return [X[i] for i in batches(len(X), batch_size)]
 
     def restore_training_statistics(self) -> None:
-        """Nothing to do: the tracked strategies live beside the layers."""
+        """The layers' state at the end of training (the tracked strategies live beside
+        them; a renorm layer's own running estimate is restored for training on)."""
+        for norm, state in zip(self.norms, self.trained, strict=True):
+            norm.load_state_dict(state)
 
 
-def _torch_model(data: Dataset, model: str) -> Any:
+def _torch_model(data: Dataset, model: str, mode: TrainMode) -> Any:
     from torch import nn
 
     from ..torch import BatchNorm
+
+    def norm(features: int) -> nn.Module:
+        """An "exact" layer, which keeps nothing in training (the strategies are tracked
+        beside it); under renorm one that keeps the running estimate it corrects towards."""
+        if mode.reference is not None:
+            reference = strategies.estimator(mode.reference)
+            return BatchNorm(features, stats=reference, renorm=True)
+        return BatchNorm(features, stats="exact", virtual_batch_size=mode.virtual_batch_size)
 
     if model == "mlp":
         widths = (data.X_train.shape[1], *HIDDEN)
         layers: list[nn.Module] = []
         for fan_in, fan_out in itertools.pairwise(widths):
-            layers += [nn.Linear(fan_in, fan_out), BatchNorm(fan_out, stats="exact"), nn.ReLU()]
+            layers += [nn.Linear(fan_in, fan_out), norm(fan_out), nn.ReLU()]
         return nn.Sequential(*layers, nn.Linear(widths[-1], data.num_classes))
     if model != "cnn":
         raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
@@ -394,7 +465,7 @@ def _torch_model(data: Dataset, model: str) -> Any:
     for fan_in, fan_out in itertools.pairwise(channel_widths):
         layers += [
             conv(fan_in, fan_out, 3, padding=1),
-            BatchNorm(fan_out, stats="exact"),
+            norm(fan_out),
             nn.ReLU(),
         ]
     return nn.Sequential(

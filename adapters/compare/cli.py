@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import strategies
+from . import strategies, train_modes
 from .data import DatasetError
 
 
@@ -164,6 +164,13 @@ def parser() -> argparse.ArgumentParser:
         "none, the unshifted reference, is always evaluated",
     )
     compare.add_argument(
+        "--train-mode",
+        default="batchnorm",
+        help="comma-separated training modes, one network each: batchnorm, renorm (Batch "
+        "Renormalization towards the EMA ema:0.1), renorm:<strategy> (towards that tracked "
+        "strategy), ghost:<V> (Ghost BatchNorm, virtual batches of V samples)",
+    )
+    compare.add_argument(
         "--calibration-batch-size",
         type=_batch_size,
         default=None,
@@ -257,7 +264,8 @@ def _compare(arguments: argparse.Namespace) -> int:
     elif sys.stderr.isatty() and not os.environ.get("CI"):
         from tqdm import tqdm
 
-        total = len(backends) * len(arguments.batch_sizes) * len(seed_list(arguments.seeds))
+        modes = len(train_modes.parse(arguments.train_mode))
+        total = len(backends) * modes * len(arguments.batch_sizes) * len(seed_list(arguments.seeds))
         bar = tqdm(total=total, desc="networks", unit="net")
 
         def progress(_: str) -> None:
@@ -282,6 +290,7 @@ def _compare(arguments: argparse.Namespace) -> int:
             shifts=arguments.shift,
             calibration_batch_size=arguments.calibration_batch_size,
             calibration_samples=arguments.calibration_samples,
+            train_modes=arguments.train_mode,
             test_batch_size=arguments.test_batch_size,
             workers=arguments.workers,
             progress=progress,

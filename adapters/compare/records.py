@@ -27,6 +27,9 @@ class Record:
     batch_size: int
     seed: int
     epochs: int
+    train_mode: str
+    """How the network trained: ``"batchnorm"``, ``"renorm"``, ``"renorm:welford"``,
+    ``"ghost:4"``, ... (see :mod:`~normstats.adapters.compare.train_modes`)."""
     strategy: str
     shift: str
     """The covariate shift of the test set (``"none"``, ``"noise:0.5"``, ...)."""
@@ -59,8 +62,9 @@ class Record:
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> Record:
         """The record of a ``results.json`` row; a row written before ``calibration_samples``
-        existed was calibrated on the whole training set."""
-        return cls(**{"calibration_samples": ALL, **row})
+        existed was calibrated on the whole training set, and one written before
+        ``train_mode`` existed trained with plain BatchNorm."""
+        return cls(**{"calibration_samples": ALL, "train_mode": "batchnorm", **row})
 
 
 @attrs.frozen
@@ -71,6 +75,7 @@ class Missing:
     batch_size: int
     seed: int
     reason: str
+    train_mode: str = "batchnorm"
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

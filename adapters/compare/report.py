@@ -19,16 +19,25 @@ WIDTH = 100
 """Terminal columns a table line may take; wider tables are cut into column groups."""
 
 Key = tuple[Any, ...]
-"""(backend, model, dataset, epochs, shift, calibration samples, strategy, batch size): the
-first six name a block of the table (a panel of the plots), then its row and its column."""
-BLOCK = 6
+"""(backend, model, dataset, epochs, training mode, shift, calibration samples, strategy,
+batch size): the first seven name a block of the table (a panel of the plots), then its row
+and its column."""
+BLOCK = 7
 
 
 def by_seed(records: Sequence[Record]) -> dict[Key, dict[int, float]]:
     """Accuracy by seed, by :data:`Key`."""
     groups: dict[Key, dict[int, float]] = defaultdict(dict)
     for r in records:
-        block = (r.backend, r.model, r.dataset, r.epochs, r.shift, r.calibration_samples)
+        block = (
+            r.backend,
+            r.model,
+            r.dataset,
+            r.epochs,
+            r.train_mode,
+            r.shift,
+            r.calibration_samples,
+        )
         key = (*block, r.strategy, r.batch_size)
         groups[key][r.seed] = r.accuracy
     return groups
@@ -126,23 +135,35 @@ def table(records: Sequence[Record]) -> str:
 
 
 def blocks(stats: dict[Key, Any]) -> list[Key]:
-    """The blocks of ``stats``' keys in table order: by backend, model, dataset and epochs;
-    the unshifted test set before the shifts; calibration samples from few to all."""
+    """The blocks of ``stats``' keys in table order: by backend, model, dataset, epochs and
+    training mode (batchnorm first); the unshifted test set before the shifts; calibration
+    samples from few to all."""
 
     def order(block: Key) -> tuple[Any, ...]:
-        samples = block[5]
-        return (*block[:4], block[4] != "none", block[4], samples == ALL, str(samples).zfill(9))
+        *network, mode, shift, samples = block
+        plain = mode != "batchnorm"
+        return (
+            *network,
+            plain,
+            mode,
+            shift != "none",
+            shift,
+            samples == ALL,
+            str(samples).zfill(9),
+        )
 
     return sorted({key[:BLOCK] for key in stats}, key=order)
 
 
 def block_title(block: Key) -> str:
-    """``torch / mlp / digits / 5 epochs / shift none``, then ``/ 64 calibration samples``
-    unless the exact pass took the whole training set."""
-    backend, model, dataset, epochs, shift, samples = block
+    """``torch / mlp / digits / 5 epochs / shift none``, with the training mode after the
+    epochs unless it is plain BatchNorm, then ``/ 64 calibration samples`` unless the exact
+    pass took the whole training set."""
+    backend, model, dataset, epochs, mode, shift, samples = block
+    trained = "" if mode == "batchnorm" else f" / {mode}"
     title = (
         f"{backend} / {model} / {Path(dataset).name} / {epochs} "
-        f"epoch{'s' if epochs != 1 else ''} / shift {shift}"
+        f"epoch{'s' if epochs != 1 else ''}{trained} / shift {shift}"
     )
     return title if samples == ALL else f"{title} / {samples} calibration samples"
 

@@ -21,6 +21,7 @@ import normstats as ns
 
 from . import shifts as shift_names
 from . import strategies as strategy_names
+from . import train_modes as train_mode_names
 from .backends import NumpyRun, Run, Statistics, TorchRun
 from .data import Dataset, load
 from .pool import one_thread, run_all
@@ -93,13 +94,14 @@ def compare(
     shifts: str | list[str] | tuple[str, ...] = (shift_names.NONE,),
     calibration_batch_size: int | None = None,
     calibration_samples: str | Sequence[int | str] = (ALL,),
+    train_modes: str | Sequence[str] = (train_mode_names.BATCHNORM,),
     test_batch_size: int | None = None,
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
     timings: Timings | None = None,
 ) -> list[Record]:
     """Train BatchNorm networks and evaluate every strategy; return one record per
-    backend, batch size, seed, training length, shift and strategy.
+    backend, training mode, batch size, seed, training length, shift and strategy.
 
     ``seeds`` is a count (0..N-1) or the seeds themselves. ``shifts`` lists covariate shifts
     of the test set (``"none"``, the unshifted reference, is always evaluated first).
@@ -107,8 +109,11 @@ def compare(
     batch size). ``calibration_samples`` lists how many training samples the exact pass
     takes (a random subset per network, drawn with ``numpy.random.default_rng(seed)``; the
     smaller subsets inside the larger ones), ``"all"`` the whole training set; each value
-    gives its own records of every strategy. ``workers`` > 1 trains in that many processes
-    (one task per network); the records do not depend on it. ``progress`` is called with a
+    gives its own records of every strategy. ``train_modes`` lists how networks train:
+    ``"batchnorm"``, ``"renorm"`` / ``"renorm:<strategy>"`` (Batch Renormalization towards
+    that running estimate) and ``"ghost:V"`` (Ghost BatchNorm), one network each.
+    ``workers`` > 1 trains in that many processes (one task per network); the records do
+    not depend on it. ``progress`` is called with a
     description of each finished network. A network that diverges, or Ctrl-C, raises
     :class:`IncompleteError` carrying the records of every network that finished and the
     reason for the others.
@@ -116,6 +121,7 @@ def compare(
     names = strategy_names.parse(strategies)
     sample_counts = calibration_sample_list(calibration_samples)
     shift_list = shift_names.parse(shifts)
+    mode_list = train_mode_names.parse(train_modes)
     seed_values = seed_list(seeds)
     _check_integers("--batch-sizes", list(batch_sizes), 2)
     _check_integers("--epochs", list(epochs), 1)
@@ -161,8 +167,10 @@ def compare(
             calibration_batch_size or batch_size,
             sample_counts,
             test_batch_size or batch_size,
+            mode,
         )
         for backend in backends
+        for mode in mode_list
         for batch_size in sorted(batch_sizes)
         for seed in seed_values
     ]
@@ -186,12 +194,14 @@ class _Network:
     calibration_batch_size: int
     calibration_samples: tuple[int | str, ...]
     test_batch_size: int
+    train_mode: str
 
     def describe(self) -> str:
-        return f"{self.backend} b={self.batch_size} seed {self.seed}"
+        trained = "" if self.train_mode == train_mode_names.BATCHNORM else f" {self.train_mode}"
+        return f"{self.backend}{trained} b={self.batch_size} seed {self.seed}"
 
     def missing(self, reason: str) -> Missing:
-        return Missing(self.backend, self.batch_size, self.seed, reason)
+        return Missing(self.backend, self.batch_size, self.seed, reason, self.train_mode)
 
     def run(self) -> tuple[list[Record] | Missing, dict[tuple[str, str], float]]:
         """The network's records, or why it has none."""
@@ -211,7 +221,9 @@ def _one_network(task: _Network, data: Dataset, timings: Timings) -> list[Record
     started = time.perf_counter()
     backend, batch_size = task.backend, task.batch_size
     tracked = strategy_names.tracked(task.names)
-    run: Run = (NumpyRun if backend == "numpy" else TorchRun)(data, task.model, task.seed, tracked)
+    mode = train_mode_names.mode(task.train_mode)
+    kind = NumpyRun if backend == "numpy" else TorchRun
+    run: Run = kind(data, task.model, task.seed, tracked, mode)
     calibration = run.calibration_batches(task.calibration_batch_size)
     subsets = {
         samples: calibration_subset(len(data.X_train), samples, task.seed)
@@ -268,6 +280,7 @@ def _one_network(task: _Network, data: Dataset, timings: Timings) -> list[Record
                             batch_size,
                             task.seed,
                             total,
+                            task.train_mode,
                             name,
                             shift,
                             accuracy[(name, samples, shift)],

@@ -24,6 +24,7 @@ RECORD_FIELDS = (
     "batch_size",
     "seed",
     "epochs",
+    "train_mode",
     "strategy",
     "shift",
     "accuracy",

@@ -238,7 +238,13 @@ def test_a_diverging_network_leaves_the_others_records_and_its_reason(tmp_path, 
     stored = json.loads((out / "results.json").read_text())
     assert [(r["batch_size"], r["seed"]) for r in stored["records"]] == [(4, 0)]
     assert stored["missing"] == [
-        {"backend": "numpy", "batch_size": 64, "seed": 0, "reason": reason}
+        {
+            "backend": "numpy",
+            "batch_size": 64,
+            "seed": 0,
+            "reason": reason,
+            "train_mode": "batchnorm",
+        }
     ]
 
 
@@ -376,6 +382,7 @@ def test_table_fits_100_columns_and_marks_ties_by_paired_differences():
             b,
             seed,
             1,
+            "batchnorm",
             name,
             "none",
             acc,

@@ -30,6 +30,7 @@ def record(strategy: str, batch_size: int, seed: int, accuracy: float, **fields:
         "batch_size": batch_size,
         "seed": seed,
         "epochs": 5,
+        "train_mode": "batchnorm",
         "strategy": strategy,
         "shift": "none",
         "accuracy": accuracy,
@@ -103,7 +104,7 @@ def test_a_difference_panel_under_each_accuracy_panel(drawn):
 def test_difference_panel_shows_the_paired_mean_and_ci():
     records = synthetic()
     seeds = report.by_seed(records)
-    block = ("numpy", "mlp", "digits", 5, "none", "all")
+    block = ("numpy", "mlp", "digits", 5, "batchnorm", "none", "all")
     mean, half, n = report.paired(seeds, (*block, "ema:0.1", 32), (*block, "exact", 32))
     assert n == 3
     assert mean == pytest.approx(-0.02)  # the same offset on every seed: no spread
