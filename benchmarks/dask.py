@@ -19,8 +19,8 @@ chunk's own mean). Every candidate returns per-feature statistics to the client:
   reduction behind an estimator and a Standardizer (which also finds each feature's NaN);
 * baseline (a): ``dask.compute(x.mean(axis=0), x.var(axis=0))``, Dask's own mean and
   variance computed together (one graph, each chunk read once by both);
-* peer: dask-ml's ``StandardScaler().fit(x)``, when dask-ml imports (it is in no extra of
-  normstats: ``pip install dask-ml``).
+* peer: dask-ml's ``StandardScaler().fit(x)``, when dask-ml imports (the ``bench`` extra
+  installs it).
 
 A sample is the wall time (``time.perf_counter``) of one call, from building the graph to
 the statistics on the client. The candidates are interleaved within every repeat and their
