@@ -26,6 +26,10 @@ Every figure is microseconds per batch, and every ratio is between two figures o
 * torch: normstats' welford and ema fed ``torch.from_numpy`` batches, against the same update
   written directly in torch here: float64 sums, Chan's merge or the EMA recurrence, and one
   host-synchronising finiteness check per batch, as the library does.
+* several strategies on one stream, as the comparison tracks them on every training step: the
+  four it tracks by default (cumulative, ema 0.1, ema 0.01, welford) fed each batch's
+  precomputed ``Moments`` (reduced once, before timing) with one ``update_moments_all``,
+  against each estimator's own ``update_moments``.
 
 Threads are pinned to one (BLAS through threadpoolctl, torch through ``set_num_threads``) so
 that the figures measure the code rather than how many idle cores the machine had.
@@ -59,6 +63,7 @@ import numpy as np
 from _harness import pin_threads
 
 import normstats as ns
+from normstats.estimators import update_moments_all
 
 ROWS = 200_000
 FEATURES = 64
@@ -78,12 +83,23 @@ ACCURACY_ROWS = 100_000
 ACCURACY_FEATURES = 4
 ACCURACY_OFFSET = 1e8
 
+TRACKED = (
+    ("cumulative", {}),
+    ("ema", {"momentum": 0.1}),
+    ("ema", {"momentum": 0.01}),
+    ("welford", {}),
+)
+"""The strategies the comparison tracks during training by default, as make_stats arguments."""
+
 TARGET_VS_A = 2.0
 """normstats must be at least this many times faster than baseline (a)."""
 TARGET_VS_B = 2.0
 """normstats must take at most this many times the (b) floor."""
 TARGET_TORCH = 1.2
 """normstats on torch tensors must take at most this many times the direct torch update."""
+
+TRACKED_EACH = f"{len(TRACKED)} tracked, update_moments each"
+TRACKED_TOGETHER = f"{len(TRACKED)} tracked, update_moments_all"
 
 Pass = Callable[[], object]
 """One timed pass over a candidate's batches; it returns what it computed (kept alive)."""
@@ -218,6 +234,23 @@ def feeding(
 def estimator_pass(name: str, batches: Sequence[Any]) -> Callable[[], Pass]:
     """``make_stats(name)`` fed every batch; a fresh estimator per pass."""
     return feeding(lambda: ns.make_stats(name), lambda stats, b: stats.update(b), batches)
+
+
+def tracked_pass(moments: Sequence[ns.Moments], together: bool) -> Callable[[], Pass]:
+    """The comparison's tracked strategies fed every batch's moments, with one
+    ``update_moments_all`` or each estimator's ``update_moments``; fresh estimators per pass."""
+
+    def make() -> list[Any]:
+        return [ns.make_stats(name, **kwargs) for name, kwargs in TRACKED]
+
+    def feed(estimators: list[Any], m: ns.Moments) -> None:
+        if together:
+            update_moments_all(estimators, m)
+            return
+        for stats in estimators:
+            stats.update_moments(m)
+
+    return feeding(make, feed, moments)
 
 
 def baseline_mean_var(batches: Sequence[np.ndarray]) -> Callable[[], Pass]:
@@ -511,6 +544,13 @@ def print_results(us: dict[str, float], notes: dict[str, str]) -> None:
             f"{label:<36} {us[label]:9.1f} us/batch   normstats welford is "
             f"{us[label] / welford:,.1f}x faster{note}"
         )
+    each, together = us[TRACKED_EACH], us[TRACKED_TOGETHER]
+    print()
+    print(f"{TRACKED_EACH:<36} {each:9.1f} us/batch")
+    print(
+        f"{TRACKED_TOGETHER:<36} {together:9.1f} us/batch   {each / together:5.2f}x faster than "
+        "each estimator's update_moments"
+    )
     if "torch direct welford" in us:
         print()
         for name in ("welford", "ema"):
@@ -574,6 +614,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     candidates += [
         Candidate("(a) np.mean+np.var float64", baseline_mean_var(batches), len(batches)),
         Candidate("(b) np.sum floor", baseline_sum(batches), len(batches)),
+    ]
+    moments = [ns.Moments.from_array(b) for b in batches]
+    candidates += [
+        Candidate(TRACKED_EACH, tracked_pass(moments, together=False), len(batches)),
+        Candidate(TRACKED_TOGETHER, tracked_pass(moments, together=True), len(batches)),
     ]
     peer_list = peer_candidates(peers, batches)
     candidates += peer_list

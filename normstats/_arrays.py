@@ -151,6 +151,14 @@ def accumulation_copy(xp: Namespace, x: Array) -> Array:
     return xp.astype(x, accumulation_dtype(xp, x), copy=True)
 
 
+def zeros_like(xp: Namespace, x: Array) -> Array:
+    """Zeros of ``x``'s shape, dtype, namespace and device (for NumPy without the array-API
+    wrapper's checks: once per batch)."""
+    if type(x) is np.ndarray:
+        return np.zeros(x.shape, x.dtype)
+    return xp.zeros_like(x)
+
+
 @functools.lru_cache(maxsize=256)
 def split_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     """The feature shape (``shape`` without ``axes``) and the sample count (their product)."""

@@ -51,6 +51,7 @@ from ._arrays import (
     quiet_overflow,
     sample_axes,
     split_shape,
+    zeros_like,
 )
 from .typing import Array, Axis, Namespace
 from .validation import as_count
@@ -432,6 +433,6 @@ def moments_of_batch(xp: Namespace, batch: ShiftedMoments) -> Moments:
     ``mean + mean_residual``. Not checked: a batch with NaN or Inf gives moments that are not
     finite, and the caller decides (``batch.finite`` says which)."""
     if batch.shift is None:
-        return Moments._trusted(batch.count, batch.delta, batch.m2, xp.zeros_like(batch.delta))
+        return Moments._trusted(batch.count, batch.delta, batch.m2, zeros_like(xp, batch.delta))
     mean, residual = two_sum(batch.shift, batch.delta)
     return Moments._trusted(batch.count, mean, batch.m2, residual)

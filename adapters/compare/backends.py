@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 import normstats as ns
+from normstats.estimators import update_moments_all
 
 from ..numpy import (
     Conv,
@@ -94,16 +95,19 @@ def batches(
 
 
 class FanOut(ns.Welford):
-    """Training-time statistics of one NumPy layer: every tracked strategy is fed each batch.
+    """Training-time statistics of one layer: every tracked strategy is fed each batch.
 
-    It stands in the layer's ``stats`` during training (a Welford itself, so the layer sees
-    a regular strategy) and hands every batch's moments to the other estimators too.
+    It stands in the NumPy layer's ``stats`` during training (a strategy itself, so the
+    layer sees a regular one, and refuses a non-finite batch as its ``nan_policy`` says) and
+    hands every batch's moments to the tracked estimators, checked once for all of them. It
+    keeps no statistics of its own: those of each tracked strategy are its estimator's.
     """
 
     def __init__(self, names: tuple[str, ...], reference: str | None = None) -> None:
         super().__init__()
         every = names if reference is None or reference in names else (*names, reference)
         self.estimators = {name: strategies.estimator(name) for name in every}
+        self._tracked = tuple(self.estimators.values())
         self.reference = reference
         """The tracked strategy whose estimate the layer reads in training (Batch
         Renormalization's running statistics), or None."""
@@ -123,9 +127,7 @@ class FanOut(ns.Welford):
         return self.estimators[self.reference].num_batches
 
     def update_moments(self, moments: ns.Moments) -> None:
-        super().update_moments(moments)
-        for estimator in self.estimators.values():
-            estimator.update_moments(moments)
+        update_moments_all(self._tracked, moments)
 
 
 class NumpyRun:

@@ -7,7 +7,7 @@ from ._fold import StackedMoments
 from ._pooled import ExactFullPass, Welford
 from ._protocol import RunningStats, StateValue
 from ._registry import STRATEGIES, make_stats, resolve_stats, strategy_class
-from ._strategy import NoBatchError, State, Strategy
+from ._strategy import NoBatchError, State, Strategy, update_moments_all
 
 __all__ = [
     "EMA",
@@ -25,4 +25,5 @@ __all__ = [
     "make_stats",
     "resolve_stats",
     "strategy_class",
+    "update_moments_all",
 ]

@@ -12,7 +12,7 @@ docs/strategies.md walks through writing one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, cast
 
 import array_api_compat
@@ -21,7 +21,6 @@ import numpy as np
 
 from .._arrays import (
     accumulation_copy,
-    accumulation_dtype,
     all_finite,
     as_array,
     check_floating,
@@ -321,15 +320,7 @@ class Strategy:
         carries the digits of the mean beyond float64. A fold whose result overflows
         float64 raises ``ValueError`` (or is skipped under ``nan_policy="skip"``).
         """
-        given = self._as_batch(moments, min_count=self.min_batch_count)
-        if given is None:
-            return
-        xp, batch, finite = given
-        if finite:
-            with quiet_overflow(batch.m2):  # the fold is checked
-                self._fold(xp, batch, "moments")
-        else:
-            self._skip_or_raise(ValueError("moments: expected finite mean and m2, got NaN or Inf"))
+        _update_moments_of((self,), moments)
 
     def load_moments(self, moments: Moments, *, num_batches_skipped: int = 0) -> None:
         """Replace the estimate by population statistics measured elsewhere (a calibration).
@@ -360,26 +351,20 @@ class Strategy:
 
     def _as_batch(self, moments: Moments, min_count: int) -> tuple[Namespace, Moments, bool] | None:
         """Validated ``moments`` in float64 (their namespace, the batch and whether it is
-        finite), or None when ``count`` is 0.
-
-        Finiteness is known from ``m2`` alone: a constructed ``Moments`` is finite, and the
-        library's unchecked ones (a NaN training batch's) are finite only if their ``m2`` is.
-        """
-        if not isinstance(moments, Moments):
-            raise TypeError(f"moments: expected normstats.Moments, got {type(moments).__name__}")
-        if moments.count == 0:
+        finite), or None when ``count`` is 0."""
+        if not _given_moments(moments):
             return None
+        self._check_moments(moments, min_count)
+        return _in_float64(moments)
+
+    def _check_moments(self, moments: Moments, min_count: int) -> None:
+        """What a batch's moments must be for this estimator: ``min_count`` samples or more,
+        and the feature shape, array type and device of its state."""
         if moments.count < min_count:
             raise ValueError(
                 f"moments: expected at least {min_count} samples, got count={moments.count}"
             )
-        xp = array_api_compat.array_namespace(moments.mean, moments.m2)
         self._check_batch(moments.mean, moments.feature_shape, moments.count, "moments")
-        dtype = accumulation_dtype(xp, moments.mean)
-        mean = xp.astype(moments.mean, dtype)
-        residual = xp.astype(moments.mean_residual, dtype)
-        m2 = xp.astype(moments.m2, dtype)
-        return xp, Moments._trusted(moments.count, mean, m2, residual), all_finite(xp, m2)
 
     def reset(self) -> None:
         """Forget every batch; hyperparameters and ``nan_policy`` stay."""
@@ -468,17 +453,17 @@ class Strategy:
         """Fold a finite batch in, unless the result overflows float64: that batch is then
         bad input like a non-finite one (raised, or skipped and counted). Run under
         :func:`quiet_overflow`."""
+        new = self._folded(xp, batch)
+        if new is None:
+            self._skip_or_raise(_overflow_error(name))
+        else:
+            self._state = new
+
+    def _folded(self, xp: Namespace, batch: Moments) -> State | None:
+        """The state with a finite batch folded in, or None when it overflows float64."""
         state = self._state if self._state is not None else self._first_state(batch)
         new = self.step(state, batch)
-        if self._finite(xp, new):
-            self._state = new
-        else:
-            self._skip_or_raise(
-                ValueError(
-                    f"{name}: expected a batch whose fold into the running statistics fits in "
-                    "float64, got one that makes them overflow"
-                )
-            )
+        return new if self._finite(xp, new) else None
 
     def _skip_or_raise(self, error: ValueError) -> None:
         """A bad batch: counted in ``num_batches_skipped`` under ``nan_policy="skip"``."""
@@ -580,6 +565,99 @@ class Strategy:
         elif theirs._state is not None:
             self._state = dict(theirs._state)
         self._num_batches_skipped += theirs._num_batches_skipped
+
+
+def update_moments_all(estimators: Iterable[Strategy], moments: Moments) -> None:
+    """Fold the same batch :class:`~normstats.Moments` into every estimator of ``estimators``.
+
+    What ``stats.update_moments(moments)`` does for each of them, with the moments checked and
+    converted to float64 once rather than once per estimator: the way to track several
+    strategies on one stream of batches (the comparison does so on every training step of
+    every layer). Each estimator still checks what depends on it (its fewest samples per
+    batch, the feature shape, array type and device of its state) and applies its own
+    ``nan_policy`` to a batch with NaN or Inf and to a fold that overflows float64. A batch
+    that one of them refuses raises before any of them changes; ``count == 0`` changes
+    nothing.
+
+    >>> import numpy as np
+    >>> import normstats as ns
+    >>> from normstats.estimators import update_moments_all
+    >>> welford, ema = ns.Welford(), ns.EMA(momentum=0.5)
+    >>> update_moments_all([welford, ema], ns.Moments.from_array(np.array([[1.0], [3.0]])))
+    >>> update_moments_all([welford, ema], ns.Moments.from_array(np.array([[5.0], [7.0]])))
+    >>> welford.mean.tolist(), ema.mean.tolist()
+    ([4.0], [3.5])
+    """
+    estimators = tuple(estimators)
+    for stats in estimators:
+        if not isinstance(stats, Strategy):
+            raise TypeError(
+                f"estimators: expected normstats.Strategy instances, got {type(stats).__name__}"
+            )
+    if len({id(stats) for stats in estimators}) < len(estimators):
+        raise ValueError("estimators: expected distinct estimators, got one more than once")
+    _update_moments_of(estimators, moments)
+
+
+def _update_moments_of(estimators: Sequence[Strategy], moments: Moments) -> None:
+    """:func:`update_moments_all` for distinct strategies."""
+    if not _given_moments(moments):
+        return
+    for stats in estimators:
+        stats._check_moments(moments, stats.min_batch_count)
+    xp, batch, finite = _in_float64(moments)
+    if not finite:
+        _skip_or_raise_all(
+            estimators, ValueError("moments: expected finite mean and m2, got NaN or Inf")
+        )
+        return
+    with quiet_overflow(batch.m2):  # every fold is checked
+        folded = [stats._folded(xp, batch) for stats in estimators]
+    _skip_or_raise_all(
+        [stats for stats, new in zip(estimators, folded, strict=True) if new is None],
+        _overflow_error("moments"),
+    )
+    for stats, new in zip(estimators, folded, strict=True):
+        if new is not None:
+            stats._state = new
+
+
+def _given_moments(moments: Moments) -> bool:
+    """Whether ``moments`` hold samples (False for ``count == 0``); ``TypeError`` for
+    anything but a :class:`~normstats.Moments`."""
+    if not isinstance(moments, Moments):
+        raise TypeError(f"moments: expected normstats.Moments, got {type(moments).__name__}")
+    return moments.count > 0
+
+
+def _in_float64(moments: Moments) -> tuple[Namespace, Moments, bool]:
+    """``moments`` copied into float64 (float32 where the device has none), their namespace,
+    and whether they are finite.
+
+    Finiteness is known from ``m2`` alone: a constructed ``Moments`` is finite, and the
+    library's unchecked ones (a NaN training batch's) are finite only if their ``m2`` is.
+    """
+    xp = as_array(moments.mean, "moments")[0]  # a Moments' arrays share one namespace
+    mean, residual, m2 = (
+        accumulation_copy(xp, a) for a in (moments.mean, moments.mean_residual, moments.m2)
+    )
+    return xp, Moments._trusted(moments.count, mean, m2, residual), all_finite(xp, m2)
+
+
+def _skip_or_raise_all(estimators: Sequence[Strategy], error: ValueError) -> None:
+    """A batch these estimators refuse: raised if one of them raises (before any of them
+    counts it), else skipped and counted by each."""
+    if any(stats.nan_policy != "skip" for stats in estimators):
+        raise error
+    for stats in estimators:
+        stats._skip_or_raise(error)
+
+
+def _overflow_error(name: str) -> ValueError:
+    return ValueError(
+        f"{name}: expected a batch whose fold into the running statistics fits in float64, "
+        "got one that makes them overflow"
+    )
 
 
 def _load_arrays(strategy: Strategy, values: dict[str, object], prefix: str) -> dict[str, Array]:
