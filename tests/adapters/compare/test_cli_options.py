@@ -276,6 +276,10 @@ def test_ctrl_c_keeps_the_finished_networks(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a process")
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_with_worker_processes_exits_with_one_line(tmp_path):
     argv = [SCRIPT, "compare", "--backend", "numpy", "--batch-sizes", "8,16,32,64"]
     argv += ["--epochs", "2", "--seeds", "2", "--workers", "2", "--strategies", "exact"]
@@ -285,6 +289,9 @@ def test_ctrl_c_with_worker_processes_exits_with_one_line(tmp_path):
         stdout=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        # a suite started in the background (`make test &`) inherits an ignored SIGINT, and
+        # Python then installs no KeyboardInterrupt handler: the command gets the default
+        preexec_fn=_default_sigint,
     )
     assert process.stderr is not None
     first = process.stderr.readline()  # the first finished network
