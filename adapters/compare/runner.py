@@ -9,6 +9,7 @@ per layer. A network that diverges is left out with the reason; the others still
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -138,7 +139,7 @@ def compare(
             raise ValueError(f"--backend: expected torch, numpy or both, got {backend!r}")
     if model not in ("mlp", "cnn"):
         raise ValueError(f"--model: expected 'mlp' or 'cnn', got {model!r}")
-    data = load(dataset)  # fail early, in this process, on a bad dataset
+    data = loaded(dataset)  # fail early, in this process, on a bad dataset
     shift_names.check(shift_list, data.image_shape, data.spatial, data.name)
     too_large = [b for b in batch_sizes if b > len(data.X_train)]
     if too_large:
@@ -208,13 +209,21 @@ class _Network:
         timings = Timings()
         with one_thread(torch_too=self.backend == "torch"):
             try:
-                return _one_network(self, load(self.dataset), timings), dict(timings.seconds)
+                return _one_network(self, loaded(self.dataset), timings), dict(timings.seconds)
             except DivergedError as error:
                 reason = f"diverged: {error}"
             except (ValueError, FloatingPointError, OverflowError) as error:
                 # what the engine raises on non-finite values, as training blows up
                 reason = f"failed: {error}"
             return self.missing(reason), dict(timings.seconds)
+
+
+@functools.lru_cache(maxsize=4)
+def loaded(dataset: str) -> Dataset:
+    """The dataset, loaded once per process for all its networks (none changes it: the
+    records do not depend on how the networks are spread over processes, which
+    tests/adapters/compare checks)."""
+    return load(dataset)
 
 
 def _one_network(task: _Network, data: Dataset, timings: Timings) -> list[Record]:
