@@ -261,7 +261,15 @@ def renorm_correction(
     inv_std = 1.0 / xp.sqrt(var + eps)
     r = xp.sqrt(batch_var + eps) * inv_std
     d = (batch_mean - mean) * inv_std
-    return xp.clip(r, 1.0 / r_max, r_max), xp.clip(d, -d_max, d_max)
+    return _clipped(xp, r, 1.0 / r_max, r_max), _clipped(xp, d, -d_max, d_max)
+
+
+def _clipped(xp: Namespace, a: Array, low: Array | float, high: Array | float) -> Array:
+    """``a`` limited to ``[low, high]`` by elementwise minimum and maximum: array-api-compat's
+    ``clip`` of torch tensors (before 1.12) assigns through boolean masks, whose
+    data-dependent shapes torch.compile cannot trace."""
+    zero = xp.zeros_like(a)  # per feature: the limits as arrays of a's dtype and device
+    return xp.minimum(xp.maximum(a, zero + low), zero + high)
 
 
 def renorm_forward(
