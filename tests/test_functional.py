@@ -35,6 +35,21 @@ def assert_close(actual, reference, rtol):
     np.testing.assert_allclose(actual, reference, rtol=rtol, atol=rtol * scale)
 
 
+def assert_gradients_close(found, reference, affine, rtol=TORCH_RTOL):
+    """``(y, dx, dgamma, dbeta)`` against the autograd reference; no parameter gradients
+    without ``affine``."""
+    y, dx, dgamma, dbeta = found
+    y_ref, dx_ref, dgamma_ref, dbeta_ref = reference
+    assert_close(y, y_ref, rtol)
+    assert_close(dx, dx_ref, rtol)
+    if affine:
+        assert_close(dgamma, dgamma_ref, rtol)
+        assert_close(dbeta, dbeta_ref, rtol)
+    else:
+        assert dgamma is None
+        assert dbeta is None
+
+
 def channels_last(shape):
     """The same sizes with the channel axis (1) moved to the end."""
     return (shape[0], *shape[2:], shape[1])
@@ -88,14 +103,7 @@ def test_train_forward_and_backward_match_torch(torch, shape, layout, affine):
     dx, dgamma, dbeta = functional.backward(w, cache)
 
     assert y.dtype == np.float64
-    assert_close(y, y_ref, TORCH_RTOL)
-    assert_close(dx, dx_ref, TORCH_RTOL)
-    if affine:
-        assert_close(dgamma, dgamma_ref, TORCH_RTOL)
-        assert_close(dbeta, dbeta_ref, TORCH_RTOL)
-    else:
-        assert dgamma is None
-        assert dbeta is None
+    assert_gradients_close((y, dx, dgamma, dbeta), (y_ref, dx_ref, dgamma_ref, dbeta_ref), affine)
 
 
 @pytest.mark.parametrize("axis", [1, -1])
