@@ -7,7 +7,7 @@ from ._fold import StackedMoments
 from ._pooled import ExactFullPass, Welford
 from ._protocol import RunningStats, StateValue
 from ._registry import STRATEGIES, make_stats, resolve_stats, strategy_class
-from ._strategy import NoBatchError, State, Strategy, update_moments_all
+from ._strategy import NoBatchError, State, Strategy, update_moments_all, update_stacked_all
 
 __all__ = [
     "EMA",
@@ -26,4 +26,5 @@ __all__ = [
     "resolve_stats",
     "strategy_class",
     "update_moments_all",
+    "update_stacked_all",
 ]

@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import array_api_compat
 
-from ..moments import Moments, chan_merge
-from ..typing import Array, Namespace
+from .._arrays import as_array, check_floating, describe, quiet_overflow, sample_axes, split_shape
+from ..moments import Moments, ShiftedMoments, chan_merge, reduce_batch, two_sum
+from ..typing import Array, Axis, Namespace
 
 if TYPE_CHECKING:
     from ._batch_average import BatchAverage
@@ -73,6 +74,53 @@ class StackedMoments(NamedTuple):
     finite: Array
     """Whether each batch is folded in (booleans); a masked slot's values are never read
     into the result, whatever they are (NaN, Inf or stale)."""
+    mean_residuals: Array | None = None
+    """The low-order parts of the means (each batch's :attr:`Moments.mean_residual`), or
+    None for zeros: the pooled strategies keep them, as they do batch by batch."""
+
+    @classmethod
+    def from_batches(cls, x: Array, axis: Axis = 0) -> StackedMoments:
+        """The moments of ``K`` equal batches stacked along ``x``'s first axis, each reduced
+        over ``axis`` (the axes of one batch, ``x[k]``, as :meth:`Moments.from_array` takes
+        them), in one reduction over the whole stack.
+
+        The statistics are the float64 ones :meth:`Moments.from_array` gives each batch, up
+        to rounding. A batch with NaN or Inf is masked out (``finite`` is False there)
+        rather than raised: the estimators that fold the slots apply their ``nan_policy``.
+        Raises ``TypeError`` for a non-floating dtype and ``ValueError`` for an ``x`` with
+        no batch axis.
+
+        >>> import numpy as np
+        >>> from normstats.estimators import StackedMoments
+        >>> slots = StackedMoments.from_batches(np.array([[[1.0], [3.0]], [[2.0], [np.nan]]]))
+        >>> slots.counts, slots.means[0].tolist(), slots.m2s[0].tolist(), slots.finite.tolist()
+        ([2, 2], [2.0], [2.0], [True, False])
+        """
+        xp, x = as_array(x, "x")
+        check_floating(xp, x, "x")
+        if x.ndim < 2:
+            raise ValueError(
+                "x: expected batches stacked along the first axis (at least 2 axes), got "
+                f"{describe(x)}"
+            )
+        axes = tuple(a + 1 for a in sample_axes(x[0], axis))
+        count = split_shape(tuple(x.shape), axes)[1]
+        with quiet_overflow(x):  # non-finite slots are masked below
+            batch = reduce_batch(xp, x, axes)
+            mean, residual = _split_mean(xp, batch)
+            m2 = batch.m2
+            finite = _finite_slots(xp, m2)
+            if not batch.finite and bool(xp.any(finite)):
+                # one slot's NaN keeps a stack from being rescaled: the finite slots whose
+                # squares overflowed get their own reduction
+                for k in range(int(x.shape[0])):
+                    if not bool(finite[k]):
+                        one = reduce_batch(xp, x[k : k + 1], axes)
+                        if one.finite:
+                            mean_k, residual_k = _split_mean(xp, one)
+                            mean[k], residual[k], m2[k] = mean_k[0], residual_k[0], one.m2[0]
+                            finite[k] = True
+        return cls([count] * int(x.shape[0]), mean, m2, finite, residual)
 
 
 def fold_by_steps(strategy: Strategy, state: State, slots: StackedMoments) -> State:
@@ -86,7 +134,12 @@ def fold_by_steps(strategy: Strategy, state: State, slots: StackedMoments) -> St
         keep = slots.finite[k]
         # a masked slot is stepped with zeros (never its NaN or Inf) and then discarded
         mean = xp.where(keep, slots.means[k], 0.0)
-        batch = Moments._trusted(int(count), mean, xp.where(keep, slots.m2s[k], 0.0), mean * 0.0)
+        residual = (
+            mean * 0.0
+            if slots.mean_residuals is None
+            else xp.where(keep, slots.mean_residuals[k], 0.0)
+        )
+        batch = Moments._trusted(int(count), mean, xp.where(keep, slots.m2s[k], 0.0), residual)
         new = strategy.step(state, batch)
         state = {key: xp.where(keep, _as(xp, new[key]), _as(xp, state[key])) for key in new}
     return state
@@ -141,7 +194,10 @@ def fold_pooled(state: State, slots: StackedMoments) -> State:
     origin = xp.where(empty, _weighted_sum(xp, first, kept_means), state["mean_origin"])
     offset = xp.where(empty, 0.0, state["mean_offset"])
     counts = counts * finite
-    relative = xp.where(mask, (kept_means - origin) - offset, 0.0)
+    relative = (kept_means - origin) - offset
+    if slots.mean_residuals is not None:  # (as PooledEstimator.step takes each batch's)
+        relative = (kept_means - origin) + slots.mean_residuals - offset
+    relative = xp.where(mask, relative, 0.0)
     pooled_count = xp.sum(counts)
     delta = _weighted_sum(xp, counts, relative) / xp.clip(pooled_count, min=1.0)
     spread = relative - delta
@@ -197,3 +253,17 @@ def _per_slot(xp: Namespace, a: Array, ndim: int) -> Array:
 def _as(xp: Namespace, value: Any) -> Array:
     """A number as a 0-d array (a state's counters may be either)."""
     return value if hasattr(value, "shape") else xp.asarray(value)
+
+
+def _split_mean(xp: Namespace, batch: ShiftedMoments) -> tuple[Array, Array]:
+    """A reduced batch's mean ``shift + delta`` as float64 ``(mean, residual)``, exactly."""
+    if batch.shift is None:
+        return batch.delta, batch.delta * 0.0
+    return two_sum(batch.shift, batch.delta)
+
+
+def _finite_slots(xp: Namespace, m2s: Array) -> Array:
+    """Whether each slot's statistics are finite (NaN or Inf anywhere in a batch reach its
+    sum of squared deviations), a ``(K,)`` boolean array."""
+    flat = xp.reshape(m2s, (m2s.shape[0], -1))
+    return xp.all(xp.isfinite(flat), axis=1)

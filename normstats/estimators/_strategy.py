@@ -588,15 +588,7 @@ def update_moments_all(estimators: Iterable[Strategy], moments: Moments) -> None
     >>> welford.mean.tolist(), ema.mean.tolist()
     ([4.0], [3.5])
     """
-    estimators = tuple(estimators)
-    for stats in estimators:
-        if not isinstance(stats, Strategy):
-            raise TypeError(
-                f"estimators: expected normstats.Strategy instances, got {type(stats).__name__}"
-            )
-    if len({id(stats) for stats in estimators}) < len(estimators):
-        raise ValueError("estimators: expected distinct estimators, got one more than once")
-    _update_moments_of(estimators, moments)
+    _update_moments_of(_distinct(estimators), moments)
 
 
 def _update_moments_of(estimators: Sequence[Strategy], moments: Moments) -> None:
@@ -622,6 +614,101 @@ def _update_moments_of(estimators: Sequence[Strategy], moments: Moments) -> None
             stats._state = new
 
 
+def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) -> None:
+    """Fold ``K`` stacked batches into every estimator of ``estimators`` at once.
+
+    What :func:`update_moments_all` does for each slot in order, up to float64 rounding, with
+    each estimator's :meth:`Strategy.fold`: the built-in strategies fold all ``K`` batches in a
+    number of operations that does not grow with ``K``. This is the way to track strategies
+    on a stream of small batches, whose per-batch updates cost more than the batches (the
+    comparison folds its training steps so). ``slots`` come from
+    :meth:`StackedMoments.from_batches` or are built by hand (host-int counts).
+
+    A masked slot (a batch with NaN or Inf) is a bad batch: it raises ``ValueError`` before
+    any estimator changes if one of them has ``nan_policy="raise"``, else each skips and
+    counts it. A fold that overflows float64 is retried slot by slot, so that each estimator
+    applies its ``nan_policy`` to the very batch that overflows.
+
+    >>> import numpy as np
+    >>> import normstats as ns
+    >>> from normstats.estimators import StackedMoments, update_stacked_all
+    >>> welford, ema = ns.Welford(), ns.EMA(momentum=0.5)
+    >>> batches = np.array([[[1.0], [3.0]], [[5.0], [7.0]]])  # two batches of two samples
+    >>> update_stacked_all([welford, ema], StackedMoments.from_batches(batches))
+    >>> welford.mean.tolist(), ema.mean.tolist(), ema.num_batches
+    ([4.0], [3.5], 2)
+    """
+    estimators = _distinct(estimators)
+    if not isinstance(slots, StackedMoments):
+        raise TypeError(f"slots: expected StackedMoments, got {type(slots).__name__}")
+    xp, slots = _stacked_in_float64(slots)
+    counts = [int(count) for count in slots.counts]
+    if not counts:
+        return
+    feature_shape = tuple(slots.means.shape[1:])
+    for stats in estimators:
+        stats._check_batch(slots.means[0], feature_shape, min(counts), "slots")
+    kept = [bool(keep) for keep in slots.finite]
+    masked = kept.count(False)
+    if masked:
+        _skip_or_raise_all(
+            estimators,
+            ValueError(
+                f"slots: expected finite batches, got {masked} of {len(kept)} with NaN or Inf "
+                f"(slot {kept.index(False)} first)"
+            ),
+            times=masked,
+        )
+    if masked == len(kept):
+        return
+    with quiet_overflow(slots.m2s):  # every fold is checked
+        folded: list[State] = []
+        for stats in estimators:
+            state = stats._state
+            if state is None:
+                state = stats.initial_state(slots.m2s[0] * 0.0)
+            folded.append(stats.fold(state, slots))
+    finite = [stats._finite(xp, new) for stats, new in zip(estimators, folded, strict=True)]
+    if not all(finite):  # which batch overflows: one at a time
+        for k, keep in enumerate(kept):
+            if keep:
+                _update_moments_of(estimators, _slot(slots, k))
+        return
+    for stats, new in zip(estimators, folded, strict=True):
+        stats._state = {**new, "count": int(new["count"]), "num_batches": int(new["num_batches"])}
+
+
+def _distinct(estimators: Iterable[Strategy]) -> tuple[Strategy, ...]:
+    """``estimators`` as a tuple of distinct strategies (``TypeError``, ``ValueError``)."""
+    estimators = tuple(estimators)
+    for stats in estimators:
+        if not isinstance(stats, Strategy):
+            raise TypeError(
+                f"estimators: expected normstats.Strategy instances, got {type(stats).__name__}"
+            )
+    if len({id(stats) for stats in estimators}) < len(estimators):
+        raise ValueError("estimators: expected distinct estimators, got one more than once")
+    return estimators
+
+
+def _stacked_in_float64(slots: StackedMoments) -> tuple[Namespace, StackedMoments]:
+    """``slots`` with their statistics copied into float64 (float32 where the device has
+    none), and their namespace."""
+    xp = as_array(slots.means, "slots")[0]
+    copied = [
+        None if a is None else accumulation_copy(xp, a)
+        for a in (slots.means, slots.m2s, slots.mean_residuals)
+    ]
+    return xp, StackedMoments(slots.counts, copied[0], copied[1], slots.finite, copied[2])
+
+
+def _slot(slots: StackedMoments, k: int) -> Moments:
+    """Slot ``k`` of finite ``slots`` as the batch's :class:`Moments`."""
+    mean = slots.means[k]
+    residual = mean * 0.0 if slots.mean_residuals is None else slots.mean_residuals[k]
+    return Moments._trusted(int(slots.counts[k]), mean, slots.m2s[k], residual)
+
+
 def _given_moments(moments: Moments) -> bool:
     """Whether ``moments`` hold samples (False for ``count == 0``); ``TypeError`` for
     anything but a :class:`~normstats.Moments`."""
@@ -644,13 +731,14 @@ def _in_float64(moments: Moments) -> tuple[Namespace, Moments, bool]:
     return xp, Moments._trusted(moments.count, mean, m2, residual), all_finite(xp, m2)
 
 
-def _skip_or_raise_all(estimators: Sequence[Strategy], error: ValueError) -> None:
-    """A batch these estimators refuse: raised if one of them raises (before any of them
-    counts it), else skipped and counted by each."""
+def _skip_or_raise_all(estimators: Sequence[Strategy], error: ValueError, times: int = 1) -> None:
+    """``times`` batches these estimators refuse: raised if one of them raises (before any
+    of them counts them), else skipped and counted by each."""
     if any(stats.nan_policy != "skip" for stats in estimators):
         raise error
     for stats in estimators:
-        stats._skip_or_raise(error)
+        for _ in range(times):
+            stats._skip_or_raise(error)
 
 
 def _overflow_error(name: str) -> ValueError:
