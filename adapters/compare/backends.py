@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 import normstats as ns
-from normstats.estimators import update_moments_all
+from normstats.estimators import StackedMoments, Strategy, update_moments_all, update_stacked_all
 
 from ..numpy import (
     Conv,
@@ -99,18 +99,34 @@ class FanOut(ns.Welford):
 
     It stands in the NumPy layer's ``stats`` during training (a strategy itself, so the
     layer sees a regular one, and refuses a non-finite batch as its ``nan_policy`` says) and
-    hands every batch's moments to the tracked estimators, checked once for all of them. It
-    keeps no statistics of its own: those of each tracked strategy are its estimator's.
+    hands every batch's moments to the tracked estimators. It keeps no statistics of its
+    own: those of each tracked strategy are its estimator's, read with :meth:`estimator`.
+
+    The batches are held back and folded :data:`PENDING` at a time
+    (:func:`~normstats.estimators.update_stacked_all`, one check and a few dozen operations
+    per strategy for all of them), since per-batch updates of four strategies cost the
+    small networks' training steps a fifth of their time. Only under Batch
+    Renormalization, whose layer reads its reference strategy on every step, is each batch
+    folded at once.
     """
+
+    PENDING = 256
+    """Training batches held back before they are folded."""
 
     def __init__(self, names: tuple[str, ...], reference: str | None = None) -> None:
         super().__init__()
         every = names if reference is None or reference in names else (*names, reference)
         self.estimators = {name: strategies.estimator(name) for name in every}
         self._tracked = tuple(self.estimators.values())
+        self._pending: list[ns.Moments] = []
         self.reference = reference
         """The tracked strategy whose estimate the layer reads in training (Batch
         Renormalization's running statistics), or None."""
+
+    def estimator(self, name: str) -> Strategy:
+        """The tracked strategy ``name``, every batch seen so far folded in."""
+        self.fold_pending()
+        return self.estimators[name]
 
     @property
     def mean(self) -> Any:
@@ -127,7 +143,30 @@ class FanOut(ns.Welford):
         return self.estimators[self.reference].num_batches
 
     def update_moments(self, moments: ns.Moments) -> None:
-        update_moments_all(self._tracked, moments)
+        if self.reference is not None:
+            update_moments_all(self._tracked, moments)
+            return
+        self._pending.append(moments)
+        if len(self._pending) == self.PENDING:
+            self.fold_pending()
+
+    def update_stacked(self, slots: StackedMoments) -> None:
+        """Fold ``K`` stacked batches into every tracked strategy, after those held back."""
+        self.fold_pending()
+        update_stacked_all(self._tracked, slots)
+
+    def fold_pending(self) -> None:
+        """Fold the batches held back (NumPy moments) into every tracked strategy."""
+        pending = self._pending
+        if not pending:
+            return
+        means = np.stack([m.mean for m in pending])
+        m2s = np.stack([m.m2 for m in pending])
+        finite = np.isfinite(m2s.reshape(len(pending), -1)).all(axis=1)
+        residuals = np.stack([m.mean_residual for m in pending])
+        counts = [m.count for m in pending]
+        update_stacked_all(self._tracked, StackedMoments(counts, means, m2s, finite, residuals))
+        self._pending = []
 
 
 class NumpyRun:
@@ -207,7 +246,7 @@ class NumpyRun:
         found = []
         for fanout in self.fanouts:
             assert isinstance(fanout, FanOut)
-            estimator = fanout.estimators[strategy]
+            estimator = fanout.estimator(strategy)
             found.append((np.asarray(estimator.mean), np.asarray(estimator.var)))
         self._use(strategy, found)
         return found
@@ -282,11 +321,16 @@ class TorchRun:
     """An MLP or a CNN of the torch adapter.
 
     Its BatchNorm layers are ``"exact"`` ones, which train with batch statistics and keep
-    nothing; a forward pre-hook hands every training batch's input moments (the core's
-    float64 reduction) to the tracked strategies, which step on the host, where the small
-    per-channel updates are cheapest. Evaluating a strategy writes its statistics into the
-    layers as a calibration.
+    nothing; a forward pre-hook keeps every training batch's input, and every
+    :data:`FanOut.PENDING` steps (or :data:`PENDING_VALUES` values) and at the end of
+    training the held inputs are reduced at once (the core's float64 reduction, one per
+    layer for all of them) and folded into the tracked strategies on the host, where the
+    small per-channel updates are cheapest. Evaluating a strategy writes its statistics into
+    the layers as a calibration.
     """
+
+    PENDING_VALUES = 1 << 22
+    """Most input values a layer's hook holds back (32 MiB of float64 when reduced)."""
 
     def __init__(
         self,
@@ -315,24 +359,39 @@ class TorchRun:
         self.y_train = torch.as_tensor(data.y_train)
         self.y_test = torch.as_tensor(data.y_test)
         self.fanouts = [FanOut(tracked) for _ in self.norms]
+        self.inputs: list[list[Any]] = [[] for _ in self.norms]
+        """Each layer's training inputs not folded into its tracked strategies yet."""
         self.tracking = True
-        for norm, fanout in zip(self.norms, self.fanouts, strict=True):
-            norm.register_forward_pre_hook(self._tracker(fanout))
-        self.optimizer: Any = None
+        for layer, norm in enumerate(self.norms):
+            norm.register_forward_pre_hook(self._tracker(layer))
+        self.optimizer: TorchSGD | None = None
 
-    def _tracker(self, fanout: FanOut) -> Any:
+    def _tracker(self, layer: int) -> Any:
         def track(module: Any, args: Any) -> None:
             if self.tracking and module.training and not module.calibrating:
-                x = args[0].detach().cpu().numpy()
-                axes = tuple(d for d in range(x.ndim) if d != 1)
-                fanout.update_moments(ns.Moments.from_array(x, axis=axes))
+                x, held = args[0].detach(), self.inputs[layer]
+                if held and held[0].shape != x.shape:  # batches stack only if equal
+                    self._fold_inputs(layer)
+                held.append(x)
+                if len(held) == FanOut.PENDING or len(held) * x.numel() >= self.PENDING_VALUES:
+                    self._fold_inputs(layer)
 
         return track
+
+    def _fold_inputs(self, layer: int) -> None:
+        """Reduce the inputs ``layer`` holds, all at once, into its tracked strategies."""
+        held = self.inputs[layer]
+        if not held:
+            return
+        x = self.torch.stack(held).cpu().numpy()
+        axes = tuple(d for d in range(x.ndim - 1) if d != 1)  # each batch's, but channels
+        self.fanouts[layer].update_stacked(StackedMoments.from_batches(x, axis=axes))
+        held.clear()
 
     def train_epochs(self, epochs: int, batch_size: int, lr: float) -> float:
         torch = self.torch
         if self.optimizer is None:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
+            self.optimizer = TorchSGD(list(self.model.parameters()), lr=lr, momentum=0.9)
         self.model.train()
         n = len(self.X_train)
         losses: list[Any] = []
@@ -345,9 +404,11 @@ class TorchRun:
                     self.model(self.X_train[rows]), self.y_train[rows]
                 )
                 losses.append(loss.detach())
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()
+        for layer in range(len(self.norms)):
+            self._fold_inputs(layer)
         self.trained = [copy.deepcopy(norm.state_dict()) for norm in self.norms]
         return float(torch.stack(losses).double().mean()) if losses else math.nan
 
@@ -364,7 +425,7 @@ class TorchRun:
             ]
         found: Statistics = []
         for fanout in self.fanouts:
-            estimator = fanout.estimators[strategy]
+            estimator = fanout.estimator(strategy)
             found.append((np.asarray(estimator.mean), np.asarray(estimator.var)))
         self.use(found)
         return found
@@ -436,6 +497,40 @@ class TorchRun:
         them; a renorm layer's own running estimate is restored for training on)."""
         for norm, state in zip(self.norms, self.trained, strict=True):
             norm.load_state_dict(state)
+
+
+class TorchSGD:
+    """``torch.optim.SGD(parameters, lr, momentum)``'s update on CPU, written out with the
+    same in-place operations, so that it takes bitwise the same steps.
+
+    The optimizer's wrapper around them (a profiler record, grad-mode switches, hooks and,
+    at its first construction in a process, the import of ``torch._dynamo``, about 1.3 s)
+    costs these small networks more than the update itself: a quarter of a step at batch
+    size 2.
+    """
+
+    def __init__(self, parameters: list[Any], lr: float, momentum: float) -> None:
+        self.parameters, self.lr, self.momentum = parameters, lr, momentum
+        self.velocity: list[Any] = [None] * len(parameters)
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for i, parameter in enumerate(self.parameters):
+                grad = parameter.grad
+                if grad is None:
+                    continue
+                velocity = self.velocity[i]
+                if velocity is None:
+                    velocity = self.velocity[i] = grad.detach().clone()
+                else:
+                    velocity.mul_(self.momentum).add_(grad, alpha=1)
+                parameter.add_(velocity, alpha=-self.lr)
 
 
 def _torch_model(data: Dataset, model: str, mode: TrainMode) -> Any:

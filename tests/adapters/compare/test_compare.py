@@ -120,7 +120,16 @@ def test_sweeping_epochs_matches_training_to_the_last_length_alone(grid):
     """Evaluating after epoch 1 does not disturb the training that goes on to epoch 2."""
     alone = compare("digits", backends=GRID["backends"], batch_sizes=[64], seeds=1, epochs=[2])
     swept = [r for r in grid if r.batch_size == 64 and r.seed == 0 and r.epochs == 2]
-    assert sorted(alone, key=repr) == sorted(swept, key=repr)
+    assert len(alone) == len(swept)
+    for a, b in zip(sorted(alone, key=_key), sorted(swept, key=_key), strict=True):
+        # the tracked strategies fold their batches in chunks, which the evaluation after
+        # epoch 1 ends early: the same statistics up to rounding
+        assert attrs.evolve(a, stats_distance=[]) == attrs.evolve(b, stats_distance=[])
+        assert a.stats_distance == pytest.approx(b.stats_distance, rel=1e-12, abs=0)
+
+
+def _key(record):
+    return (record.backend, record.strategy)
 
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
