@@ -49,7 +49,12 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
+import array_api_compat
+
 from normstats import ExactFullPass, Moments
+from normstats._arrays import as_array, quiet_overflow
+from normstats.estimators import StackedMoments, update_stacked_all
+from normstats.moments import moments_of_batch, reduce_batch
 
 Layer = TypeVar("Layer")
 
@@ -230,10 +235,11 @@ class _Batch(Generic[Layer]):
         axes = self.network.sample_axes(layer, x)
         if math.prod(x.shape[a] for a in axes) == 0:  # an empty batch brings nothing
             return None
-        seen = ExactFullPass(nan_policy="skip")
-        seen.update(x, axis=axes)
-        if not seen.num_batches_skipped:
-            moments = seen.moments
+        xp, x = as_array(x, "x")
+        with quiet_overflow(x):  # finiteness is checked here
+            reduced = reduce_batch(xp, x, axes)
+        if reduced.finite:
+            moments = moments_of_batch(xp, reduced)
             self.parts.setdefault(layer, []).append(moments)
             return moments
         if self.network.nan_policy(layer) == "raise":
@@ -246,20 +252,56 @@ class _Batch(Generic[Layer]):
         self.finite = False
         return None
 
-    def pool_into(self, pools: dict[Layer, ExactFullPass]) -> int:
-        """Merge the batch into ``pools`` if it was finite everywhere; 1 if it was not."""
+    def pool_into(self, pools: dict[Layer, _Pool]) -> int:
+        """Add the batch to ``pools`` if it was finite everywhere; 1 if it was not."""
         if not self.finite:
             return 1
         for layer, parts in self.parts.items():
             for moments in parts:
-                pools[layer].update_moments(moments)
+                pools[layer].add(moments)
         return 0
+
+
+class _Pool:
+    """A layer's pool: the :class:`~normstats.ExactFullPass` of every sample of its input.
+
+    The batches' moments are held back and folded :data:`HELD` at a time (one vectorized
+    Chan merge of all of them, with every mean's residual) rather than merged one by one:
+    on small batches the merge costs as much as the reduction.
+    """
+
+    HELD = 256
+    """Batches held back before they are folded."""
+
+    def __init__(self) -> None:
+        self.stats = ExactFullPass()
+        self.held: list[Moments] = []
+
+    def add(self, moments: Moments) -> None:
+        self.held.append(moments)
+        if len(self.held) == self.HELD:
+            self.fold()
+
+    def fold(self) -> ExactFullPass:
+        """The pool with every batch held back folded in."""
+        held, self.held = self.held, []
+        if held:
+            xp = array_api_compat.array_namespace(held[0].mean)
+            slots = StackedMoments(
+                [m.count for m in held],
+                xp.stack([m.mean for m in held]),
+                xp.stack([m.m2 for m in held]),
+                xp.ones(len(held), dtype=xp.bool, device=array_api_compat.device(held[0].mean)),
+                xp.stack([m.mean_residual for m in held]),
+            )
+            update_stacked_all((self.stats,), slots)
+        return self.stats
 
 
 def _one_pass(network: Network[Layer], batches: _Batches) -> dict[Layer, int]:
     """Calibrate every layer in one pass; the number of batches left out, per layer."""
     layers = network.layers
-    pools = {layer: ExactFullPass() for layer in layers}
+    pools = {layer: _Pool() for layer in layers}
     skipped = 0
     failure = None
 
@@ -271,7 +313,7 @@ def _one_pass(network: Network[Layer], batches: _Batches) -> dict[Layer, int]:
     except Exception as error:  # other processes learn it before any merge
         failure = error
     network.agree(failure)
-    merged = {layer: network.merged(layer, pools[layer], skipped) for layer in layers}
+    merged = {layer: network.merged(layer, pools[layer].fold(), skipped) for layer in layers}
     for layer, (pool, left_out) in merged.items():
         network.load(layer, _pooled_moments(network, layer, pool, left_out), left_out)
     return {layer: left_out for layer, (_, left_out) in merged.items()}
@@ -284,7 +326,7 @@ class _Pass(Generic[Layer]):
     def __init__(self, network: Network[Layer], remaining: set[Layer]) -> None:
         self.network, self.remaining = network, remaining
         self.layer: Layer | None = None
-        self.pool = ExactFullPass()
+        self.pool = _Pool()
         self.left_out = 0
 
     def run(self, index: int, inputs: Any) -> None:
@@ -329,7 +371,7 @@ def _layer_by_layer(network: Network[Layer], batches: _Batches) -> dict[Layer, i
                 f"{network.data_name}: the forward never reached {len(remaining)} BatchNorm "
                 "layer(s); expected every layer to be used by the model"
             )
-        pool, left_out = network.merged(layer, this.pool, this.left_out)
+        pool, left_out = network.merged(layer, this.pool.fold(), this.left_out)
         network.load(layer, _pooled_moments(network, layer, pool, left_out), left_out)
         skipped[layer] = left_out
         remaining.discard(layer)
