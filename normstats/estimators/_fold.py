@@ -30,12 +30,20 @@ device, without a host synchronisation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import array_api_compat
 
-from .._arrays import as_array, check_floating, describe, quiet_overflow, sample_axes, split_shape
+from .._arrays import (
+    as_array,
+    check_floating,
+    describe,
+    normalize_axis,
+    quiet_overflow,
+    split_shape,
+)
 from ..moments import Moments, ShiftedMoments, chan_merge, reduce_batch, two_sum
 from ..typing import Array, Axis, Namespace
 
@@ -103,7 +111,7 @@ class StackedMoments(NamedTuple):
                 "x: expected batches stacked along the first axis (at least 2 axes), got "
                 f"{describe(x)}"
             )
-        axes = tuple(a + 1 for a in sample_axes(x[0], axis))
+        axes = tuple(a + 1 for a in normalize_axis(axis, x.ndim - 1))  # K may be 0
         count = split_shape(tuple(x.shape), axes)[1]
         with quiet_overflow(x):  # non-finite slots are masked below
             batch = reduce_batch(xp, x, axes)
@@ -265,5 +273,5 @@ def _split_mean(xp: Namespace, batch: ShiftedMoments) -> tuple[Array, Array]:
 def _finite_slots(xp: Namespace, m2s: Array) -> Array:
     """Whether each slot's statistics are finite (NaN or Inf anywhere in a batch reach its
     sum of squared deviations), a ``(K,)`` boolean array."""
-    flat = xp.reshape(m2s, (m2s.shape[0], -1))
+    flat = xp.reshape(m2s, (m2s.shape[0], math.prod(m2s.shape[1:])))  # -1 fails for K = 0
     return xp.all(xp.isfinite(flat), axis=1)

@@ -173,6 +173,13 @@ def test_a_slot_of_huge_values_next_to_a_nan_slot_is_kept(value):
     assert_slots_of(slots, x, 0, only=[0, 3])
 
 
+def test_an_empty_stack_gives_no_slots():
+    slots = StackedMoments.from_batches(np.zeros((0, 4, FEATURES)))
+    assert list(slots.counts) == []
+    assert slots.means.shape == slots.m2s.shape == slots.mean_residuals.shape == (0, FEATURES)
+    assert slots.finite.shape == (0,)
+
+
 @pytest.mark.parametrize(
     ("x", "axis", "error", "parameter", "says"),
     [
@@ -307,6 +314,16 @@ def test_slots_built_by_hand_without_residuals():
         update_moments_all(one_by_one, m)
     for actual, expected in zip(together, one_by_one, strict=True):
         assert_like(actual, expected)
+
+
+def test_no_slots_change_nothing():
+    estimators = [*fed(stack(2, (4, FEATURES), seed=13)), *every_strategy()]
+    before = [snapshot(e) for e in estimators]
+    update_stacked_all(estimators, StackedMoments.from_batches(np.zeros((0, 4, FEATURES))))
+    empty = np.zeros((0, FEATURES))
+    update_stacked_all(estimators, StackedMoments([], empty, empty, np.zeros(0, dtype=bool)))
+    for estimator, state in zip(estimators, before, strict=True):
+        assert_same_state(estimator.state_dict(), state)
 
 
 # -- masked slots ------------------------------------------------------------------------
