@@ -401,11 +401,31 @@ def overflowing(at, k=6):
     return x
 
 
+def pooled_raise():
+    """Welford and ExactFullPass raise (and overflow on those batches); the others skip."""
+    estimators = every_strategy(nan_policy="skip")
+    estimators[3:5] = [ns.Welford(), ns.ExactFullPass()]
+    return estimators
+
+
 def pooled_skip():
     """Welford and ExactFullPass skip; the others, which take those batches, raise."""
     estimators = every_strategy()
     estimators[3:5] = [ns.Welford(nan_policy="skip"), ns.ExactFullPass(nan_policy="skip")]
     return estimators
+
+
+@pytest.mark.parametrize("at", [0, 3])
+@pytest.mark.parametrize("policies", [every_strategy, pooled_raise], ids=["raise", "mixed"])
+def test_a_fold_that_overflows_raises_before_any_estimator_changes(at, policies):
+    estimators = fed(stack(2, (4, FEATURES), seed=19), estimators=policies())
+    before = [snapshot(e) for e in estimators]
+    with pytest.raises(ValueError, match=names("slots")) as info:
+        update_stacked_all(estimators, StackedMoments.from_batches(overflowing(at)))
+    assert "overflow" in str(info.value)
+    assert str(info.value).startswith(f"slots[{at}]: expected a batch whose fold")
+    for estimator, state in zip(estimators, before, strict=True):
+        assert_same_state(estimator.state_dict(), state)
 
 
 @pytest.mark.parametrize(
