@@ -135,9 +135,11 @@ def fold_by_steps(strategy: Strategy, state: State, slots: StackedMoments) -> St
     """``strategy.step`` over the slots in order, each masked slot leaving the state as it was.
 
     The default fold: correct for any strategy, ``K`` steps long. Counters come back as
-    0-d arrays.
+    0-d arrays of the statistics' dtype, as a layer's buffers hold them (torch divides
+    integer tensors in float32).
     """
     xp = array_api_compat.array_namespace(slots.means)
+    state = {key: _counter(xp, value, slots.means) for key, value in state.items()}
     for k, count in enumerate(slots.counts):
         keep = slots.finite[k]
         # a masked slot is stepped with zeros (never its NaN or Inf) and then discarded
@@ -261,6 +263,13 @@ def _per_slot(xp: Namespace, a: Array, ndim: int) -> Array:
 def _as(xp: Namespace, value: Any) -> Array:
     """A number as a 0-d array (a state's counters may be either)."""
     return value if hasattr(value, "shape") else xp.asarray(value)
+
+
+def _counter(xp: Namespace, value: Any, like: Array) -> Array:
+    """A number as a 0-d array of ``like``'s dtype and device; an array as it is."""
+    if hasattr(value, "shape"):
+        return value
+    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
 
 
 def _split_mean(xp: Namespace, batch: ShiftedMoments) -> tuple[Array, Array]:

@@ -299,6 +299,31 @@ def test_folded_estimates_match_exact_arithmetic(offset):
             assert error <= 1e-15 * abs(exact) + 1e-15 * math.sqrt(spread), estimator
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_estimators_as_update_moments_all_slot_by_slot(torch, torch_device, dtype):
+    def tensor(a):
+        return torch.from_numpy(a).to(torch_device)
+
+    history = [tensor(b) for b in stack(2, (4, FEATURES, 5), 1e4, np.dtype(dtype), seed=10)]
+    x = tensor(stack(9, (4, FEATURES, 5), 1e4, np.dtype(dtype), seed=11))
+    together = fed(history, axis=(0, 2))
+    update_stacked_all(together, StackedMoments.from_batches(x, axis=(0, 2)))
+    for actual, expected in zip(together, fed([*history, *x], axis=(0, 2)), strict=True):
+        assert_like(actual, expected)
+        assert type(actual.state_dict()[f"{actual.name}.count"]) is int
+        assert actual.mean.device == x.device
+
+
+def test_the_default_fold_steps_torch_counters_in_float64(torch, torch_device):
+    """A user strategy (WithinBatch) folds by stepping with its counters as float64 0-d
+    tensors: as int64 ones its weight ``batch.count / count`` was a float32 division."""
+    x = stack(9, (4, FEATURES), seed=23)
+    estimator = WithinBatch()
+    slots = StackedMoments.from_batches(torch.from_numpy(x).to(torch_device))
+    update_stacked_all([estimator], slots)
+    assert relative_error_to_exact(estimator.mean, exact_pooled(list(x))[0]) < 1e-14
+
+
 def test_slots_built_by_hand_without_residuals():
     """Slots from precomputed moments (no ``mean_residuals``) fold as those moments do."""
     moments = [ns.Moments.from_array(b) for b in stack(7, (5, FEATURES), 3.0, seed=12)]
