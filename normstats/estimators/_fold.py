@@ -30,12 +30,20 @@ device, without a host synchronisation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import array_api_compat
 
-from .._arrays import as_array, check_floating, describe, quiet_overflow, sample_axes, split_shape
+from .._arrays import (
+    as_array,
+    check_floating,
+    describe,
+    normalize_axis,
+    quiet_overflow,
+    split_shape,
+)
 from ..moments import Moments, ShiftedMoments, chan_merge, reduce_batch, two_sum
 from ..typing import Array, Axis, Namespace
 
@@ -103,7 +111,7 @@ class StackedMoments(NamedTuple):
                 "x: expected batches stacked along the first axis (at least 2 axes), got "
                 f"{describe(x)}"
             )
-        axes = tuple(a + 1 for a in sample_axes(x[0], axis))
+        axes = tuple(a + 1 for a in normalize_axis(axis, x.ndim - 1))  # K may be 0
         count = split_shape(tuple(x.shape), axes)[1]
         with quiet_overflow(x):  # non-finite slots are masked below
             batch = reduce_batch(xp, x, axes)
@@ -127,9 +135,11 @@ def fold_by_steps(strategy: Strategy, state: State, slots: StackedMoments) -> St
     """``strategy.step`` over the slots in order, each masked slot leaving the state as it was.
 
     The default fold: correct for any strategy, ``K`` steps long. Counters come back as
-    0-d arrays.
+    0-d arrays of the statistics' dtype, as a layer's buffers hold them (torch divides
+    integer tensors in float32).
     """
     xp = array_api_compat.array_namespace(slots.means)
+    state = {key: _counter(xp, value, slots.means) for key, value in state.items()}
     for k, count in enumerate(slots.counts):
         keep = slots.finite[k]
         # a masked slot is stepped with zeros (never its NaN or Inf) and then discarded
@@ -255,6 +265,13 @@ def _as(xp: Namespace, value: Any) -> Array:
     return value if hasattr(value, "shape") else xp.asarray(value)
 
 
+def _counter(xp: Namespace, value: Any, like: Array) -> Array:
+    """A number as a 0-d array of ``like``'s dtype and device; an array as it is."""
+    if hasattr(value, "shape"):
+        return value
+    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
+
+
 def _split_mean(xp: Namespace, batch: ShiftedMoments) -> tuple[Array, Array]:
     """A reduced batch's mean ``shift + delta`` as float64 ``(mean, residual)``, exactly."""
     if batch.shift is None:
@@ -265,5 +282,5 @@ def _split_mean(xp: Namespace, batch: ShiftedMoments) -> tuple[Array, Array]:
 def _finite_slots(xp: Namespace, m2s: Array) -> Array:
     """Whether each slot's statistics are finite (NaN or Inf anywhere in a batch reach its
     sum of squared deviations), a ``(K,)`` boolean array."""
-    flat = xp.reshape(m2s, (m2s.shape[0], -1))
+    flat = xp.reshape(m2s, (m2s.shape[0], math.prod(m2s.shape[1:])))  # -1 fails for K = 0
     return xp.all(xp.isfinite(flat), axis=1)

@@ -591,8 +591,11 @@ def update_moments_all(estimators: Iterable[Strategy], moments: Moments) -> None
     _update_moments_of(_distinct(estimators), moments)
 
 
-def _update_moments_of(estimators: Sequence[Strategy], moments: Moments) -> None:
-    """:func:`update_moments_all` for distinct strategies."""
+def _update_moments_of(
+    estimators: Sequence[Strategy], moments: Moments, name: str = "moments"
+) -> None:
+    """:func:`update_moments_all` for distinct strategies; a non-finite or overflowing batch
+    is reported as the parameter ``name``."""
     if not _given_moments(moments):
         return
     for stats in estimators:
@@ -600,14 +603,14 @@ def _update_moments_of(estimators: Sequence[Strategy], moments: Moments) -> None
     xp, batch, finite = _in_float64(moments)
     if not finite:
         _skip_or_raise_all(
-            estimators, ValueError("moments: expected finite mean and m2, got NaN or Inf")
+            estimators, ValueError(f"{name}: expected finite mean and m2, got NaN or Inf")
         )
         return
     with quiet_overflow(batch.m2):  # every fold is checked
         folded = [stats._folded(xp, batch) for stats in estimators]
     _skip_or_raise_all(
         [stats for stats, new in zip(estimators, folded, strict=True) if new is None],
-        _overflow_error("moments"),
+        _overflow_error(name),
     )
     for stats, new in zip(estimators, folded, strict=True):
         if new is not None:
@@ -627,7 +630,8 @@ def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) ->
     A masked slot (a batch with NaN or Inf) is a bad batch: it raises ``ValueError`` before
     any estimator changes if one of them has ``nan_policy="raise"``, else each skips and
     counts it. A fold that overflows float64 is retried slot by slot, so that each estimator
-    applies its ``nan_policy`` to the very batch that overflows.
+    applies its ``nan_policy`` to the very batch that overflows; the error (naming the slot,
+    as ``slots[3]``) leaves every estimator as it was before the call.
 
     >>> import numpy as np
     >>> import normstats as ns
@@ -650,6 +654,7 @@ def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) ->
         stats._check_batch(slots.means[0], feature_shape, min(counts), "slots")
     kept = [bool(keep) for keep in slots.finite]
     masked = kept.count(False)
+    before = [(stats._state, stats._num_batches_skipped) for stats in estimators]
     if masked:
         _skip_or_raise_all(
             estimators,
@@ -670,9 +675,14 @@ def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) ->
             folded.append(stats.fold(state, slots))
     finite = [stats._finite(xp, new) for stats, new in zip(estimators, folded, strict=True)]
     if not all(finite):  # which batch overflows: one at a time
-        for k, keep in enumerate(kept):
-            if keep:
-                _update_moments_of(estimators, _slot(slots, k))
+        try:
+            for k, keep in enumerate(kept):
+                if keep:
+                    _update_moments_of(estimators, _slot(slots, k), f"slots[{k}]")
+        except ValueError:  # the slots before it are folded in: undone
+            for stats, (state, skipped) in zip(estimators, before, strict=True):
+                stats._state, stats._num_batches_skipped = state, skipped
+            raise
         return
     for stats, new in zip(estimators, folded, strict=True):
         stats._state = {**new, "count": int(new["count"]), "num_batches": int(new["num_batches"])}
