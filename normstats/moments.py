@@ -109,21 +109,25 @@ def _reduce_rescaled(
     xp: Namespace, x: Array, axes: tuple[int, ...], unscaled: ShiftedMoments
 ) -> ShiftedMoments:
     """The moments of finite data whose sums or squares overflow float64 (values beyond
-    1e154), reduced in units of a power of two near their largest magnitude.
+    1e154), each feature reduced in units of a power of two near its own largest magnitude.
 
     Scaling by a power of two is exact, so M2 comes out infinite only when the true M2
     overflows: data all equal to 1e200, whose squares overflow, have M2 = 0, and a batch
-    of 1e308s, whose sum overflows, has a finite mean. Data with NaN or Inf give
-    ``unscaled``. Reached only after a non-finite reduction (one more host synchronisation).
+    of 1e308s, whose sum overflows, has a finite mean. Each feature has its own unit, so
+    that a feature of ordinary values beside one of huge values keeps its M2 (one unit for
+    all would make its squares underflow to 0). Data with NaN or Inf give ``unscaled``.
+    Reached only after a non-finite reduction (one more host synchronisation).
     """
     d = accumulation_copy(xp, x)
-    largest = float(xp.max(xp.abs(d)))
-    if not math.isfinite(largest):
+    largest = xp.max(xp.abs(d), axis=axes)
+    if not all_finite(xp, largest):
         return unscaled
-    exponent = min(math.frexp(largest)[1], 1023)  # 2.0**1024 is no float64
-    d *= 2.0**-exponent  # now every value is below 2 in magnitude
+    # floor(log2) of a feature's largest magnitude, within the normal exponents: a feature
+    # of zeros, or of tiny values, keeps a unit near 1, which needs no scaling
+    exponent = xp.floor(xp.log2(xp.where(largest > 0, largest, 1.0)))
+    unit = 2.0 ** xp.clip(exponent, min=-1022.0, max=1023.0)
+    d /= expand_to(xp, unit, d.ndim, axes)  # now every value is below 2 in magnitude
     scaled = reduce_batch(xp, d, axes)
-    unit = 2.0**exponent
     m2 = scaled.m2 * unit * unit
     return ShiftedMoments(
         scaled.count,

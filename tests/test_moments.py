@@ -505,6 +505,23 @@ def test_values_whose_sums_or_squares_overflow_are_reduced_exactly(x, namespace)
     assert to_numpy(m.m2).tolist() == [float(e) for e in exact_m2s]
 
 
+@pytest.mark.parametrize("huge", [1.7e308, 1e200, -8.3e199])
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+def test_ordinary_features_beside_huge_ones_keep_their_statistics(huge, namespace):
+    # One unit for the whole batch, chosen from its largest value, made the ordinary
+    # features' squares underflow: their M2 came out 0.0 (true 0.82), without an error.
+    ordinary = normal((6, 3), seed=31)
+    x = np.concatenate(
+        [np.full((6, 1), huge), ordinary, ordinary * 1e-300, ordinary * 1e153], axis=1
+    )
+    data = x if namespace == "numpy" else pytest.importorskip("torch").from_numpy(x)
+    m = ns.Moments.from_array(data)
+    exact_means, exact_m2s = exact_mean_m2(x)
+    np.testing.assert_allclose(to_numpy(m.m2), [float(e) for e in exact_m2s], rtol=1e-14)
+    np.testing.assert_allclose(to_numpy(m.mean), [float(e) for e in exact_means], rtol=1e-14)
+    assert to_numpy(m.m2)[1] > 0.1
+
+
 def test_merge_that_overflows_raises_naming_other():
     # Two finite samples whose merged M2 exceeds float64: it used to return NaN.
     a = ns.Moments.from_array(np.full((4, 2), -1e300))
