@@ -52,9 +52,7 @@ from typing import Any, Generic, TypeVar
 import array_api_compat
 
 from normstats import ExactFullPass, Moments
-from normstats._arrays import as_array, quiet_overflow
 from normstats.estimators import StackedMoments, update_stacked_all
-from normstats.moments import moments_of_batch, reduce_batch
 
 Layer = TypeVar("Layer")
 
@@ -235,11 +233,11 @@ class _Batch(Generic[Layer]):
         axes = self.network.sample_axes(layer, x)
         if math.prod(x.shape[a] for a in axes) == 0:  # an empty batch brings nothing
             return None
-        xp, x = as_array(x, "x")
-        with quiet_overflow(x):  # finiteness is checked here
-            reduced = reduce_batch(xp, x, axes)
-        if reduced.finite:
-            moments = moments_of_batch(xp, reduced)
+        try:
+            moments = Moments.from_array(x, axis=axes)
+        except ValueError:  # NaN or Inf, or values so far apart that their M2 overflows
+            moments = None
+        if moments is not None:
             self.parts.setdefault(layer, []).append(moments)
             return moments
         if self.network.nan_policy(layer) == "raise":
