@@ -627,7 +627,8 @@ def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) ->
     comparison folds its training steps so). ``slots`` come from
     :meth:`StackedMoments.from_batches` or are built by hand (host-int counts).
 
-    A masked slot (a batch with NaN or Inf) is a bad batch: it raises ``ValueError`` before
+    A slot of ``count == 0`` changes nothing, as in :func:`update_moments_all`. A masked slot
+    (a batch with NaN or Inf) is a bad batch: it raises ``ValueError`` before
     any estimator changes if one of them has ``nan_policy="raise"``, else each skips and
     counts it. A fold that overflows float64 is retried slot by slot, so that each estimator
     applies its ``nan_policy`` to the very batch that overflows; the error (naming the slot,
@@ -647,24 +648,30 @@ def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) ->
         raise TypeError(f"slots: expected StackedMoments, got {type(slots).__name__}")
     xp, slots = _stacked_in_float64(slots)
     counts = [int(count) for count in slots.counts]
-    if not counts:
+    sizes = [count for count in counts if count]  # a slot without samples changes nothing
+    if not sizes:
         return
     feature_shape = tuple(slots.means.shape[1:])
     for stats in estimators:
-        stats._check_batch(slots.means[0], feature_shape, min(counts), "slots")
-    kept = [bool(keep) for keep in slots.finite]
-    masked = kept.count(False)
+        stats._check_batch(slots.means[0], feature_shape, min(sizes), "slots")
+    finite = [bool(keep) for keep in slots.finite]
+    bad = [
+        k for k, (keep, count) in enumerate(zip(finite, counts, strict=True)) if count and not keep
+    ]
+    kept = [keep and count > 0 for keep, count in zip(finite, counts, strict=True)]
+    if len(sizes) < len(counts):  # the empty slots masked out of the fold too
+        slots = slots._replace(finite=xp.asarray(kept, device=array_api_compat.device(slots.means)))
     before = [(stats._state, stats._num_batches_skipped) for stats in estimators]
-    if masked:
+    if bad:
         _skip_or_raise_all(
             estimators,
             ValueError(
-                f"slots: expected finite batches, got {masked} of {len(kept)} with NaN or Inf "
-                f"(slot {kept.index(False)} first)"
+                f"slots: expected finite batches, got {len(bad)} of {len(kept)} with NaN or Inf "
+                f"(slot {bad[0]} first)"
             ),
-            times=masked,
+            times=len(bad),
         )
-    if masked == len(kept):
+    if not any(kept):
         return
     with quiet_overflow(slots.m2s):  # every fold is checked
         folded: list[State] = []
@@ -673,8 +680,8 @@ def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) ->
             if state is None:
                 state = stats.initial_state(slots.m2s[0] * 0.0)
             folded.append(stats.fold(state, slots))
-    finite = [stats._finite(xp, new) for stats, new in zip(estimators, folded, strict=True)]
-    if not all(finite):  # which batch overflows: one at a time
+    fits = [stats._finite(xp, new) for stats, new in zip(estimators, folded, strict=True)]
+    if not all(fits):  # which batch overflows: one at a time
         try:
             for k, keep in enumerate(kept):
                 if keep:

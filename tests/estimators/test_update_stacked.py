@@ -351,6 +351,31 @@ def test_no_slots_change_nothing():
         assert_same_state(estimator.state_dict(), state)
 
 
+def test_slots_without_samples_change_nothing_as_update_moments_all():
+    # update_moments_all takes count == 0 as no batch; the stacked fold used to refuse such a
+    # slot ("expected at least one sample") and change none of the others.
+    x = stack(5, (4, FEATURES), seed=15)
+    slots = StackedMoments.from_batches(x)
+    zeros = np.zeros((1, FEATURES))
+    with_empty = StackedMoments(
+        [*slots.counts[:2], 0, *slots.counts[2:], 0],
+        np.concatenate([slots.means[:2], zeros, slots.means[2:], zeros]),
+        np.concatenate([slots.m2s[:2], zeros, slots.m2s[2:], zeros]),
+        np.concatenate([slots.finite[:2], [True], slots.finite[2:], [False]]),
+        np.concatenate([slots.mean_residuals[:2], zeros, slots.mean_residuals[2:], zeros]),
+    )
+    together = every_strategy(nan_policy="raise")
+    update_stacked_all(together, with_empty)
+    for actual, expected in zip(together, fed(x), strict=True):
+        assert_like(actual, expected)
+    only_empty = StackedMoments.from_batches(np.zeros((3, 0, FEATURES)))
+    assert only_empty.counts == [0, 0, 0]
+    before = [snapshot(e) for e in together]
+    update_stacked_all(together, only_empty)
+    for estimator, state in zip(together, before, strict=True):
+        assert_same_state(estimator.state_dict(), state)
+
+
 # -- masked slots ------------------------------------------------------------------------
 
 
