@@ -29,7 +29,9 @@ Every figure is microseconds per batch, and every ratio is between two figures o
 * several strategies on one stream, as the comparison tracks them on every training step: the
   four it tracks by default (cumulative, ema 0.1, ema 0.01, welford) fed each batch's
   precomputed ``Moments`` (reduced once, before timing) with one ``update_moments_all``,
-  against each estimator's own ``update_moments``.
+  against each estimator's own ``update_moments``; and, as the comparison now feeds them, the
+  same moments stacked ``STACKED_CHUNK`` batches at a time (the stacking timed too) and folded
+  with one ``update_stacked_all`` per chunk.
 
 Threads are pinned to one (BLAS through threadpoolctl, torch through ``set_num_threads``) so
 that the figures measure the code rather than how many idle cores the machine had.
@@ -63,7 +65,7 @@ import numpy as np
 from _harness import pin_threads
 
 import normstats as ns
-from normstats.estimators import update_moments_all
+from normstats.estimators import StackedMoments, update_moments_all, update_stacked_all
 
 ROWS = 200_000
 FEATURES = 64
@@ -100,6 +102,9 @@ TARGET_TORCH = 1.2
 
 TRACKED_EACH = f"{len(TRACKED)} tracked, update_moments each"
 TRACKED_TOGETHER = f"{len(TRACKED)} tracked, update_moments_all"
+TRACKED_STACKED = f"{len(TRACKED)} tracked, update_stacked_all"
+STACKED_CHUNK = 256
+"""Batches folded together by ``update_stacked_all`` (what the comparison holds back)."""
 
 Pass = Callable[[], object]
 """One timed pass over a candidate's batches; it returns what it computed (kept alive)."""
@@ -251,6 +256,39 @@ def tracked_pass(moments: Sequence[ns.Moments], together: bool) -> Callable[[], 
             stats.update_moments(m)
 
     return feeding(make, feed, moments)
+
+
+def stacked_pass(moments: Sequence[ns.Moments]) -> Callable[[], Pass]:
+    """The comparison's tracked strategies fed the same moments ``STACKED_CHUNK`` batches at a
+    time: each chunk stacked into ``StackedMoments`` and folded with ``update_stacked_all``."""
+    chunks = [moments[i : i + STACKED_CHUNK] for i in range(0, len(moments), STACKED_CHUNK)]
+
+    def make() -> list[Any]:
+        return [ns.make_stats(name, **kwargs) for name, kwargs in TRACKED]
+
+    def feed(estimators: list[Any], chunk: Sequence[ns.Moments]) -> None:
+        slots = StackedMoments(
+            [m.count for m in chunk],
+            np.stack([m.mean for m in chunk]),
+            np.stack([m.m2 for m in chunk]),
+            np.ones(len(chunk), dtype=bool),
+            np.stack([m.mean_residual for m in chunk]),
+        )
+        update_stacked_all(estimators, slots)
+
+    return feeding(make, feed, chunks)
+
+
+def check_stacked(moments: Sequence[ns.Moments]) -> float:
+    """Largest relative difference between the stacked and the batch-by-batch estimates."""
+    one_by_one = tracked_pass(moments, together=True)()()
+    stacked = stacked_pass(moments)()()
+    assert isinstance(one_by_one, list) and isinstance(stacked, list)
+    return max(
+        float(np.max(np.abs(getattr(a, key) - getattr(b, key)) / np.abs(getattr(b, key))))
+        for a, b in zip(stacked, one_by_one, strict=True)
+        for key in ("mean", "var")
+    )
 
 
 def baseline_mean_var(batches: Sequence[np.ndarray]) -> Callable[[], Pass]:
@@ -544,12 +582,16 @@ def print_results(us: dict[str, float], notes: dict[str, str]) -> None:
             f"{label:<36} {us[label]:9.1f} us/batch   normstats welford is "
             f"{us[label] / welford:,.1f}x faster{note}"
         )
-    each, together = us[TRACKED_EACH], us[TRACKED_TOGETHER]
+    each, together, stacked = us[TRACKED_EACH], us[TRACKED_TOGETHER], us[TRACKED_STACKED]
     print()
     print(f"{TRACKED_EACH:<36} {each:9.1f} us/batch")
     print(
         f"{TRACKED_TOGETHER:<36} {together:9.1f} us/batch   {each / together:5.2f}x faster than "
         "each estimator's update_moments"
+    )
+    print(
+        f"{TRACKED_STACKED:<36} {stacked:9.1f} us/batch   {together / stacked:5.2f}x faster than "
+        f"update_moments_all ({STACKED_CHUNK} batches per fold)"
     )
     if "torch direct welford" in us:
         print()
@@ -619,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     candidates += [
         Candidate(TRACKED_EACH, tracked_pass(moments, together=False), len(batches)),
         Candidate(TRACKED_TOGETHER, tracked_pass(moments, together=True), len(batches)),
+        Candidate(TRACKED_STACKED, stacked_pass(moments), len(batches)),
     ]
     peer_list = peer_candidates(peers, batches)
     candidates += peer_list
@@ -632,6 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if peers.torch is not None:
         difference = check_torch_direct(peers.torch, tensors)
         print(f"check: the direct torch updates match normstats to {difference:.1e} (relative)")
+    print(
+        f"check: the stacked folds match update_moments_all to {check_stacked(moments):.1e} "
+        "(relative)"
+    )
     print(f"timing took {time.perf_counter() - started:.1f} s")
 
     if not args.no_accuracy:
