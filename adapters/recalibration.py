@@ -49,8 +49,6 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-import array_api_compat
-
 from normstats import ExactFullPass, Moments
 from normstats.estimators import StackedMoments, update_stacked_all
 
@@ -284,15 +282,7 @@ class _Pool:
         """The pool with every batch held back folded in."""
         held, self.held = self.held, []
         if held:
-            xp = array_api_compat.array_namespace(held[0].mean)
-            slots = StackedMoments(
-                [m.count for m in held],
-                xp.stack([m.mean for m in held]),
-                xp.stack([m.m2 for m in held]),
-                xp.ones(len(held), dtype=xp.bool, device=array_api_compat.device(held[0].mean)),
-                xp.stack([m.mean_residual for m in held]),
-            )
-            update_stacked_all((self.stats,), slots)
+            update_stacked_all((self.stats,), StackedMoments.from_moments(held))
         return self.stats
 
 

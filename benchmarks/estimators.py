@@ -267,14 +267,7 @@ def stacked_pass(moments: Sequence[ns.Moments]) -> Callable[[], Pass]:
         return [ns.make_stats(name, **kwargs) for name, kwargs in TRACKED]
 
     def feed(estimators: list[Any], chunk: Sequence[ns.Moments]) -> None:
-        slots = StackedMoments(
-            [m.count for m in chunk],
-            np.stack([m.mean for m in chunk]),
-            np.stack([m.m2 for m in chunk]),
-            np.ones(len(chunk), dtype=bool),
-            np.stack([m.mean_residual for m in chunk]),
-        )
-        update_stacked_all(estimators, slots)
+        update_stacked_all(estimators, StackedMoments.from_moments(chunk))
 
     return feeding(make, feed, chunks)
 
@@ -283,7 +276,8 @@ def check_stacked(moments: Sequence[ns.Moments]) -> float:
     """Largest relative difference between the stacked and the batch-by-batch estimates."""
     one_by_one = tracked_pass(moments, together=True)()()
     stacked = stacked_pass(moments)()()
-    assert isinstance(one_by_one, list) and isinstance(stacked, list)
+    assert isinstance(one_by_one, list)
+    assert isinstance(stacked, list)
     return max(
         float(np.max(np.abs(getattr(a, key) - getattr(b, key)) / np.abs(getattr(b, key))))
         for a, b in zip(stacked, one_by_one, strict=True)

@@ -156,17 +156,10 @@ class FanOut(ns.Welford):
         update_stacked_all(self._tracked, slots)
 
     def fold_pending(self) -> None:
-        """Fold the batches held back (NumPy moments) into every tracked strategy."""
-        pending = self._pending
-        if not pending:
-            return
-        means = np.stack([m.mean for m in pending])
-        m2s = np.stack([m.m2 for m in pending])
-        finite = np.isfinite(m2s.reshape(len(pending), -1)).all(axis=1)
-        residuals = np.stack([m.mean_residual for m in pending])
-        counts = [m.count for m in pending]
-        update_stacked_all(self._tracked, StackedMoments(counts, means, m2s, finite, residuals))
-        self._pending = []
+        """Fold the batches held back into every tracked strategy."""
+        if self._pending:
+            update_stacked_all(self._tracked, StackedMoments.from_moments(self._pending))
+            self._pending = []
 
 
 class NumpyRun:

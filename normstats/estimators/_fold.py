@@ -87,6 +87,49 @@ class StackedMoments(NamedTuple):
     None for zeros: the pooled strategies keep them, as they do batch by batch."""
 
     @classmethod
+    def from_moments(cls, moments: Sequence[Moments]) -> StackedMoments:
+        """The :class:`Moments` of ``K`` batches (one feature shape, namespace and device),
+        stacked in their order, with their mean residuals.
+
+        A batch whose ``m2`` is not finite (the moments of a batch with NaN, which the library
+        hands on unchecked) is masked. Raises ``TypeError`` for anything but ``Moments`` and
+        ``ValueError`` for no batch or batches of different feature shapes.
+
+        >>> import numpy as np
+        >>> import normstats as ns
+        >>> from normstats.estimators import StackedMoments
+        >>> batches = [ns.Moments.from_array(np.array([[1.0], [3.0]])), ns.Moments.from_array(
+        ...     np.array([[5.0], [7.0], [9.0]]))]
+        >>> slots = StackedMoments.from_moments(batches)
+        >>> slots.counts, slots.means[:, 0].tolist(), slots.finite.tolist()
+        ([2, 3], [2.0, 7.0], [True, True])
+        """
+        moments = list(moments)
+        for k, m in enumerate(moments):
+            if not isinstance(m, Moments):
+                raise TypeError(
+                    f"moments: expected normstats.Moments, got {type(m).__name__} at index {k}"
+                )
+        if not moments:
+            raise ValueError("moments: expected the Moments of at least one batch, got none")
+        shape = moments[0].feature_shape
+        for k, m in enumerate(moments):
+            if m.feature_shape != shape:
+                raise ValueError(
+                    f"moments: expected Moments of one feature shape {shape}, got "
+                    f"{m.feature_shape} at index {k}"
+                )
+        xp = array_api_compat.array_namespace(moments[0].mean)
+        m2s = xp.stack([m.m2 for m in moments])
+        return cls(
+            [m.count for m in moments],
+            xp.stack([m.mean for m in moments]),
+            m2s,
+            _finite_slots(xp, m2s),
+            xp.stack([m.mean_residual for m in moments]),
+        )
+
+    @classmethod
     def from_batches(cls, x: Array, axis: Axis = 0) -> StackedMoments:
         """The moments of ``K`` equal batches stacked along ``x``'s first axis, each reduced
         over ``axis`` (the axes of one batch, ``x[k]``, as :meth:`Moments.from_array` takes

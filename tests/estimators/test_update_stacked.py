@@ -562,3 +562,48 @@ def test_torch_slots_for_numpy_statistics_change_none(torch):
     slots = StackedMoments.from_batches(torch.ones(2, 4, FEATURES, dtype=torch.float64))
     message = refused(fed_pair(), slots, TypeError, "slots")
     assert "numpy.ndarray like the estimator's state, got torch.Tensor" in message
+
+
+# -- StackedMoments.from_moments -----------------------------------------------------------
+
+
+def test_from_moments_stacks_each_batchs_moments_in_order():
+    x = stack(5, (4, FEATURES), offset=1e8, seed=16)
+    batches = [ns.Moments.from_array(b) for b in x]
+    slots = StackedMoments.from_moments(batches)
+    assert slots.counts == [4] * 5
+    assert slots.finite.tolist() == [True] * 5
+    for k, m in enumerate(batches):
+        np.testing.assert_array_equal(slots.means[k], m.mean)
+        np.testing.assert_array_equal(slots.m2s[k], m.m2)
+        np.testing.assert_array_equal(slots.mean_residuals[k], m.mean_residual)
+    together = every_strategy()
+    update_stacked_all(together, slots)
+    for actual, expected in zip(together, fed(x), strict=True):
+        assert_like(actual, expected)
+
+
+def test_from_moments_masks_the_unchecked_moments_of_a_batch_with_nan():
+    x = stack(3, (4, FEATURES), seed=17)
+    x[1, 2, 0] = np.nan
+    _, unchecked, _ = ns.functional.train_forward(x[1], np.ones(FEATURES), np.zeros(FEATURES))
+    batches = [ns.Moments.from_array(x[0]), unchecked, ns.Moments.from_array(x[2])]
+    assert StackedMoments.from_moments(batches).finite.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    ("moments", "error", "says"),
+    [
+        ([], ValueError, "at least one batch"),
+        ([np.zeros(3)], TypeError, "normstats.Moments, got ndarray at index 0"),
+        (
+            [ns.Moments.from_array(np.ones((2, 3))), ns.Moments.from_array(np.ones((2, 4)))],
+            ValueError,
+            r"one feature shape \(3,\), got \(4,\) at index 1",
+        ),
+    ],
+    ids=["none", "not-moments", "shapes"],
+)
+def test_from_moments_refuses_bad_input(moments, error, says):
+    with pytest.raises(error, match=rf"^moments: .*{says}"):
+        StackedMoments.from_moments(moments)
