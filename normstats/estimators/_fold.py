@@ -44,7 +44,7 @@ from .._arrays import (
     quiet_overflow,
     split_shape,
 )
-from ..moments import Moments, ShiftedMoments, chan_merge, reduce_batch, two_sum
+from ..moments import Moments, chan_merge, moments_of_batch, reduce_batch
 from ..typing import Array, Axis, Namespace
 
 if TYPE_CHECKING:
@@ -158,8 +158,8 @@ class StackedMoments(NamedTuple):
         count = split_shape(tuple(x.shape), axes)[1]
         with quiet_overflow(x):  # non-finite slots are masked below
             batch = reduce_batch(xp, x, axes)
-            mean, residual = _split_mean(xp, batch)
-            m2 = batch.m2
+            stacked = moments_of_batch(xp, batch)
+            mean, residual, m2 = stacked.mean, stacked.mean_residual, stacked.m2
             finite = _finite_slots(xp, m2)
             if not batch.finite and bool(xp.any(finite)):
                 # one slot's NaN keeps a stack from being rescaled: the finite slots whose
@@ -168,8 +168,9 @@ class StackedMoments(NamedTuple):
                     if not bool(finite[k]):
                         one = reduce_batch(xp, x[k : k + 1], axes)
                         if one.finite:
-                            mean_k, residual_k = _split_mean(xp, one)
-                            mean[k], residual[k], m2[k] = mean_k[0], residual_k[0], one.m2[0]
+                            slot = moments_of_batch(xp, one)
+                            mean[k], residual[k] = slot.mean[0], slot.mean_residual[0]
+                            m2[k] = slot.m2[0]
                             finite[k] = True
         return cls([count] * int(x.shape[0]), mean, m2, finite, residual)
 
@@ -247,10 +248,10 @@ def fold_pooled(state: State, slots: StackedMoments) -> State:
     origin = xp.where(empty, _weighted_sum(xp, first, kept_means), state["mean_origin"])
     offset = xp.where(empty, 0.0, state["mean_offset"])
     counts = counts * finite
-    relative = (kept_means - origin) - offset
+    relative = kept_means - origin
     if slots.mean_residuals is not None:  # (as PooledEstimator.step takes each batch's)
-        relative = (kept_means - origin) + slots.mean_residuals - offset
-    relative = xp.where(mask, relative, 0.0)
+        relative = relative + slots.mean_residuals
+    relative = xp.where(mask, relative - offset, 0.0)
     pooled_count = xp.sum(counts)
     delta = _weighted_sum(xp, counts, relative) / xp.clip(pooled_count, min=1.0)
     spread = relative - delta
@@ -313,13 +314,6 @@ def _counter(xp: Namespace, value: Any, like: Array) -> Array:
     if hasattr(value, "shape"):
         return value
     return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
-
-
-def _split_mean(xp: Namespace, batch: ShiftedMoments) -> tuple[Array, Array]:
-    """A reduced batch's mean ``shift + delta`` as float64 ``(mean, residual)``, exactly."""
-    if batch.shift is None:
-        return batch.delta, batch.delta * 0.0
-    return two_sum(batch.shift, batch.delta)
 
 
 def _finite_slots(xp: Namespace, m2s: Array) -> Array:
