@@ -662,6 +662,23 @@ def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) ->
     if len(sizes) < len(counts):  # the empty slots masked out of the fold too
         slots = slots._replace(finite=xp.asarray(kept, device=array_api_compat.device(slots.means)))
     before = [(stats._state, stats._num_batches_skipped) for stats in estimators]
+    try:
+        _fold_slots(xp, estimators, slots, kept, bad)
+    except BaseException:  # anything that fails leaves every estimator as it was
+        for stats, (state, skipped) in zip(estimators, before, strict=True):
+            stats._state, stats._num_batches_skipped = state, skipped
+        raise
+
+
+def _fold_slots(
+    xp: Namespace,
+    estimators: Sequence[Strategy],
+    slots: StackedMoments,
+    kept: list[bool],
+    bad: list[int],
+) -> None:
+    """:func:`update_stacked_all` once the slots are checked: the ``bad`` ones (masked,
+    with samples) skipped or raised, the ``kept`` ones folded."""
     if bad:
         _skip_or_raise_all(
             estimators,
@@ -682,14 +699,9 @@ def update_stacked_all(estimators: Iterable[Strategy], slots: StackedMoments) ->
             folded.append(stats.fold(state, slots))
     fits = [stats._finite(xp, new) for stats, new in zip(estimators, folded, strict=True)]
     if not all(fits):  # which batch overflows: one at a time
-        try:
-            for k, keep in enumerate(kept):
-                if keep:
-                    _update_moments_of(estimators, _slot(slots, k), f"slots[{k}]")
-        except ValueError:  # the slots before it are folded in: undone
-            for stats, (state, skipped) in zip(estimators, before, strict=True):
-                stats._state, stats._num_batches_skipped = state, skipped
-            raise
+        for k, keep in enumerate(kept):
+            if keep:
+                _update_moments_of(estimators, _slot(slots, k), f"slots[{k}]")
         return
     for stats, new in zip(estimators, folded, strict=True):
         stats._state = {**new, "count": int(new["count"]), "num_batches": int(new["num_batches"])}

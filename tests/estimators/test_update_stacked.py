@@ -607,3 +607,20 @@ def test_from_moments_masks_the_unchecked_moments_of_a_batch_with_nan():
 def test_from_moments_refuses_bad_input(moments, error, says):
     with pytest.raises(error, match=rf"^moments: .*{says}"):
         StackedMoments.from_moments(moments)
+
+
+def test_a_fold_that_fails_leaves_every_estimator_as_it_was():
+    class Failing(ns.Welford):
+        def fold(self, state, slots):
+            raise RuntimeError("a strategy's own fold failed")
+
+    x = with_masked_slots()
+    estimators = [
+        *fed(stack(2, (4, FEATURES), seed=18), nan_policy="skip"),
+        Failing(nan_policy="skip"),
+    ]
+    before = [snapshot(e) for e in estimators]
+    with pytest.raises(RuntimeError, match="own fold failed"):
+        update_stacked_all(estimators, StackedMoments.from_batches(x))
+    for estimator, state in zip(estimators, before, strict=True):
+        assert_same_state(estimator.state_dict(), state)  # skipped batches not counted either
