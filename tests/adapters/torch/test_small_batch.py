@@ -31,6 +31,8 @@ from torch import nn  # noqa: E402
 
 from normstats.adapters.torch import BatchNorm, convert, revert  # noqa: E402
 
+from .test_batchnorm import train_step  # noqa: E402
+
 C = 3
 F64 = torch.float64
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -124,15 +126,6 @@ def numpy_estimator(stats):
     if isinstance(stats, ns.Strategy):
         return copy.deepcopy(stats)
     return ns.make_stats(stats, **({"momentum": 0.1} if stats == "ema" else {}))
-
-
-def train_step(module, x, upstream):
-    """Forward in training mode and backward of ``sum(y * upstream)``: output and gradients."""
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    (y * upstream).sum().backward()
-    grads = [x.grad] + [None if p is None else p.grad for p in (module.weight, module.bias)]
-    return y.detach(), grads
 
 
 def reference_step(reference, x, upstream, parameters):
